@@ -1,0 +1,3 @@
+"""Functional cores of the sequence layers: readable references, XLA and Pallas implementations."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Flax NNX sequence layers and a decoder language model."""
+
+__all__: list[str] = []

@@ -1,0 +1,258 @@
+r"""The projected transform: an inner optimizer run in a low-rank subspace of each matrix.
+
+For every leaf labelled as a matrix (see :mod:`memjax.optim.labels`), with gradient ``G``
+(``m x n``) and step ``t`` (counted from 0):
+
+.. math::
+  P_t &= \mathrm{refresh}(G_t) \quad\text{if } t \bmod T = 0 \text{ (else } P_{t-1}) \\
+  R_t &= \mathrm{down}(G_t; P_t) \qquad (m \times r \text{ or } r \times n) \\
+  O_t &= \mathrm{inner}(R_t) \qquad \text{(e.g. Adam; its moments live in the subspace)} \\
+  U_t &= \mathrm{residual}(G_t, R_t, O_t, \mathrm{up}(\cdot; P_t))
+
+Every other leaf gets ``inner(G)`` unchanged. The inner moments are kept across refreshes
+(never reset, never rotated), as the GaLore authors do. Refreshes run inside ``jax.jit`` under
+``lax.cond``; with ``refresh="staggered"`` the refresh of the ``j``-th of ``K`` matrices happens at
+steps ``t`` with ``t mod T = floor(j T / K)`` (and at ``t = 0`` for all), so no step pays for
+every SVD at once.
+
+The side of each projection (``proj_type``) follows the GaLore rules (``"std"``: project the
+smaller dimension, moments ``r x max(m, n)``), or ``"min_state"``: the side that minimises the
+inner state plus projector bytes, computed from the inner optimizer's own ``init``.
+
+Reference: Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+Projection", arXiv 2403.03507 (2024), Algorithm 2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from memjax.optim import labels as labels_lib
+from memjax.optim import projectors as proj_lib
+from memjax.optim import residual as residual_lib
+
+REFRESH_MODES = ("synchronous", "staggered")
+
+
+class LowRankState(NamedTuple):
+    """State of :func:`scale_by_low_rank`.
+
+    Attributes:
+      count: int32 scalar, steps taken.
+      projector: pytree like the params; each low-rank leaf holds its projector state (a float
+        ``P``, int32 indices or a raw PRNG key, with a leading batch axis for stacked leaves),
+        every full-rank leaf an ``optax.MaskedNode()``.
+      inner_state: the inner optimizer's state over the tree of projected (low-rank) and
+        full-rank gradients.
+      residual: pytree like the params with each residual policy's per-matrix state.
+    """
+
+    count: jax.Array
+    projector: Any
+    inner_state: optax.OptState
+    residual: Any
+
+
+class _LeafPlan(NamedTuple):
+    """Static plan for one low-rank leaf."""
+
+    index: int  # position among all leaves (for PRNG keys)
+    view: labels_lib.MatrixView
+    side: str
+    projector: proj_lib.Projector
+    offset: int  # refresh phase in [0, update_proj_gap)
+
+    @property
+    def batch(self) -> int:
+        return math.prod(self.view.batch_shape) if self.view.batched else 0
+
+
+def _tree_bytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _min_state_side(name, m, n, rank, dtype, inner) -> str:
+    """The side whose inner state + projector state takes fewer bytes (ties: GaLore "std")."""
+    key = jax.random.key(0)
+    cost = {}
+    for side in proj_lib.SIDES:
+        if rank > (m if side == "left" else n):
+            continue
+        p = proj_lib.make_projector(name, m, n, rank, side, dtype)
+        low = jax.ShapeDtypeStruct(p.low_shape, dtype)
+        cost[side] = (_tree_bytes(jax.eval_shape(inner.init, low))
+                      + _tree_bytes(jax.eval_shape(p.init, key)))
+    std = proj_lib.side_for("std", m, n)
+    return min(cost, key=lambda s: (cost[s], s != std))
+
+
+def _batched(fn, nbatch: int, in_axes):
+    return jax.vmap(fn, in_axes=in_axes) if nbatch else fn
+
+
+def scale_by_low_rank(
+    rank: int,
+    update_proj_gap: int = 200,
+    *,
+    inner: optax.GradientTransformation | None = None,
+    residual: residual_lib.ResidualPolicy | None = None,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    projector: str = "svd",
+    labels: labels_lib.Labels = None,
+    refresh: str = "synchronous",
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Runs ``inner`` on low-rank projections of the matrix leaves; the composable building block.
+
+    Args:
+      rank: subspace dimension ``r`` (>= 1).
+      update_proj_gap: refresh period ``T`` (>= 1) of each projector.
+      inner: a gradient-only optax transform (default :func:`memjax.optim.scale_by_hf_adam`).
+        It sees the projected gradients of matrix leaves and the raw gradients of the others.
+      residual: the :class:`memjax.optim.residual.ResidualPolicy` building the full update
+        (default :func:`memjax.optim.residual.drop` with ``scale``).
+      scale: GaLore ``scale`` for the default residual policy (ignored if ``residual`` given).
+      proj_type: ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"`` or ``"min_state"``.
+      projector: ``"svd"``, ``"dct"`` or ``"random"``.
+      labels: which leaves are matrices (see :func:`memjax.optim.labels.resolve_labels`);
+        default :func:`memjax.optim.label_matrices` with ``rank``.
+      refresh: ``"synchronous"`` or ``"staggered"``.
+      seed: integer seed of the projectors' PRNG keys (``"random"`` draws a fresh key per refresh
+        from ``fold_in(fold_in(key(seed), leaf_index), step)``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`LowRankState`.
+      Updates keep the gradients' dtypes.
+
+    Raises:
+      ValueError / TypeError: invalid arguments (at construction) or labels (at ``init``).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}.")
+    if rank < 1:
+        raise ValueError(f"rank={rank} must be >= 1.")
+    if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int):
+        raise TypeError(f"update_proj_gap must be an int, got {type(update_proj_gap).__name__}.")
+    if update_proj_gap < 1:
+        raise ValueError(f"update_proj_gap={update_proj_gap} must be >= 1.")
+    if projector not in proj_lib.PROJECTORS:
+        raise ValueError(f"projector={projector!r} is unknown; choose one of {proj_lib.PROJECTORS}.")
+    if proj_type not in proj_lib.PROJ_TYPES:
+        raise ValueError(f"proj_type={proj_type!r} is unknown; choose one of {proj_lib.PROJ_TYPES}.")
+    if refresh not in REFRESH_MODES:
+        raise ValueError(f"refresh={refresh!r} is unknown; choose one of {REFRESH_MODES}.")
+    if inner is None:
+        from memjax.optim.adam import scale_by_hf_adam
+        inner = scale_by_hf_adam()
+    inner = optax.with_extra_args_support(inner)
+    if residual is None:
+        residual = residual_lib.drop(scale)
+
+    def plan(tree) -> list[_LeafPlan | None]:
+        views = labels_lib.resolve_labels(tree, labels, rank)
+        leaves = jax.tree.leaves(tree)
+        num_low = sum(v is not None for v in views)
+        plans, j = [], 0
+        for i, (leaf, view) in enumerate(zip(leaves, views)):
+            if view is None:
+                plans.append(None)
+                continue
+            if proj_type == "min_state":
+                side = _min_state_side(projector, view.m, view.n, rank, leaf.dtype, inner)
+            else:
+                side = proj_lib.side_for(proj_type, view.m, view.n)
+            p = proj_lib.make_projector(projector, view.m, view.n, rank, side, leaf.dtype)
+            offset = (j * update_proj_gap) // num_low if refresh == "staggered" else 0
+            plans.append(_LeafPlan(i, view, side, p, offset))
+            j += 1
+        return plans
+
+    def leaf_keys(lp: _LeafPlan, count) -> jax.Array:
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), lp.index), count)
+        if lp.batch:
+            return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(lp.batch))
+        return key
+
+    def init_fn(params):
+        leaves, treedef = jax.tree.flatten(params)
+        pstates, rstates, proxies = [], [], []
+        for leaf, lp in zip(leaves, plan(params)):
+            if lp is None:
+                pstates.append(optax.MaskedNode())
+                rstates.append(optax.MaskedNode())
+                proxies.append(leaf)
+                continue
+            # Placeholder projector: replaced at t = 0, which always refreshes.
+            pstates.append(_batched(lp.projector.init, lp.batch, 0)(leaf_keys(lp, 0)))
+            rinit = lambda _: residual.init((lp.view.m, lp.view.n), leaf.dtype)  # noqa: E731
+            rstates.append(_batched(rinit, lp.batch, 0)(jnp.arange(max(lp.batch, 1))))
+            low_shape = ((lp.batch,) if lp.batch else ()) + lp.projector.low_shape
+            proxies.append(jnp.zeros(low_shape, leaf.dtype))
+        return LowRankState(
+            count=jnp.zeros([], jnp.int32),
+            projector=treedef.unflatten(pstates),
+            inner_state=inner.init(treedef.unflatten(proxies)),
+            residual=treedef.unflatten(rstates),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        plans = plan(updates)
+        pstates = treedef.flatten_up_to(state.projector)
+        rstates = treedef.flatten_up_to(state.residual)
+        count = state.count
+
+        lows, mats, new_pstates = [], [], []
+        for g, lp, ps in zip(leaves, plans, pstates):
+            if lp is None:
+                lows.append(g)
+                mats.append(None)
+                new_pstates.append(ps)
+                continue
+            mat = labels_lib.to_matrix(g, lp.view)
+            due = (count % update_proj_gap) == lp.offset
+            if lp.offset:
+                due = jnp.logical_or(due, count == 0)
+            keys = leaf_keys(lp, count)
+            refresh_fn = _batched(lp.projector.refresh, lp.batch, 0)
+            ps = jax.lax.cond(due, lambda m=mat, p=ps, k=keys: refresh_fn(m, p, k),
+                              lambda p=ps: p)
+            lows.append(_batched(lp.projector.down, lp.batch, 0)(mat, ps))
+            mats.append(mat)
+            new_pstates.append(ps)
+
+        outs, inner_state = inner.update(treedef.unflatten(lows), state.inner_state, None,
+                                         **extra_args)
+        outs = treedef.flatten_up_to(outs)
+
+        new_updates, new_rstates = [], []
+        for g, lp, mat, low, out, ps, rs in zip(leaves, plans, mats, lows, outs, new_pstates,
+                                                rstates):
+            if lp is None:
+                new_updates.append(out.astype(g.dtype))
+                new_rstates.append(rs)
+                continue
+
+            def apply(m, r, o, p, s, lp=lp):
+                return residual.apply(m, r, o, lambda x: lp.projector.up(x, p), s)
+
+            full, rs = _batched(apply, lp.batch, 0)(mat, low, out, ps, rs)
+            new_updates.append(labels_lib.from_matrix(full, lp.view).astype(g.dtype))
+            new_rstates.append(rs)
+
+        new_state = LowRankState(
+            count=optax.safe_increment(count),
+            projector=treedef.unflatten(new_pstates),
+            inner_state=inner_state,
+            residual=treedef.unflatten(new_rstates),
+        )
+        return treedef.unflatten(new_updates), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

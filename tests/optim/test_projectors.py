@@ -1,0 +1,104 @@
+"""Projector properties: SVD sign convention, DCT basis and selection, random regeneration."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import memjax
+from memjax.optim import dct_basis, make_projector
+from tests.optim.numpy_reference import canonical
+
+KEY = jax.random.key(0)
+
+
+def test_canonical_signs_match_numpy_and_are_sign_invariant():
+    g = np.random.default_rng(0).standard_normal((12, 7)).astype(np.float32)
+    p = make_projector("svd", 12, 7, 3, "right")
+    ours = np.asarray(p.refresh(jnp.asarray(g), p.init(KEY), KEY))
+    _, _, vh = np.linalg.svd(g, full_matrices=False)
+    np.testing.assert_allclose(ours, canonical(vh[:3], axis=1), rtol=1e-5, atol=1e-6)
+    # Flipping signs of the input vectors does not change the canonical output.
+    flipped = memjax.optim.canonicalize_signs(-jnp.asarray(vh[:3]), axis=1)
+    np.testing.assert_allclose(np.asarray(flipped), ours, rtol=1e-5, atol=1e-6)
+    assert np.all(np.take_along_axis(ours, np.abs(ours).argmax(1)[:, None], 1) > 0)
+
+
+@pytest.mark.parametrize("size", [1, 5, 16, 33])
+def test_dct_basis_orthonormal(size):
+    q = np.asarray(dct_basis(size), np.float64)
+    np.testing.assert_allclose(q.T @ q, np.eye(size), atol=1e-5)
+    cols = jnp.array([size - 1, 0], jnp.int32)
+    np.testing.assert_allclose(np.asarray(dct_basis(size, cols)), q[:, [size - 1, 0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_dct_recovers_exact_low_rank_gradient(side):
+    m, n, r = 20, 12, 3
+    size = m if side == "left" else n
+    q = np.asarray(dct_basis(size), np.float64)
+    chosen = [7, 2, size - 1]
+    coeff = np.random.default_rng(1).standard_normal((r, n if side == "left" else m))
+    if side == "left":
+        g = q[:, chosen] @ coeff  # columns spanned by 3 DCT basis vectors
+    else:
+        g = (q[:, chosen] @ coeff).T
+    p = make_projector("dct", m, n, r, side)
+    idx = p.refresh(jnp.asarray(g, jnp.float32), p.init(KEY), KEY)
+    assert sorted(np.asarray(idx).tolist()) == sorted(chosen)
+    assert idx.dtype == jnp.int32 and idx.shape == (r,)
+    low = p.down(jnp.asarray(g, jnp.float32), idx)
+    np.testing.assert_allclose(np.asarray(p.up(low, idx)), g, atol=1e-5)  # lossless
+
+
+@pytest.mark.parametrize("name", ["svd", "dct"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_up_down_is_an_orthogonal_projection(name, side):
+    m, n, r = 18, 10, 4
+    g = jnp.asarray(np.random.default_rng(2).standard_normal((m, n)), jnp.float32)
+    p = make_projector(name, m, n, r, side)
+    s = p.refresh(g, p.init(KEY), KEY)
+    proj = lambda x: p.up(p.down(x, s), s)  # noqa: E731
+    pg = proj(g)
+    np.testing.assert_allclose(np.asarray(proj(pg)), np.asarray(pg), atol=1e-5)  # idempotent
+    # The residual is orthogonal to the projected part (on the projected side).
+    res = g - pg
+    inner = (pg.T @ res) if side == "left" else (pg @ res.T)
+    np.testing.assert_allclose(np.asarray(inner), 0.0, atol=1e-4)
+    assert float(jnp.linalg.norm(pg)) <= float(jnp.linalg.norm(g)) + 1e-5
+
+
+def test_random_projector_regenerates_from_key_only():
+    m, n, r = 30, 12, 4
+    p = make_projector("random", m, n, r, "right")
+    g = jnp.ones((m, n))
+    s1 = p.refresh(g, p.init(KEY), jax.random.key(5))
+    s2 = p.refresh(g * 2, p.init(KEY), jax.random.key(5))
+    np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
+    np.testing.assert_array_equal(np.asarray(p.down(g, s1)), np.asarray(p.down(g, s2)))
+    s3 = p.refresh(g, s1, jax.random.key(6))
+    assert not np.array_equal(np.asarray(p.down(g, s1)), np.asarray(p.down(g, s3)))
+    # Gaussian / sqrt(r): E[P^T P] = I.
+    big = make_projector("random", 4, 400, 200, "right")
+    eye = big.up(big.down(jnp.eye(400)[:4], big.init(KEY)), big.init(KEY))
+    assert abs(float(jnp.mean(jnp.diag(eye[:, :4]))) - 1.0) < 0.2
+
+
+def test_random_state_holds_only_keys():
+    params = {"w": jnp.zeros((64, 32)), "v": jnp.zeros((3, 40, 24))}
+    labels = {"w": True, "v": memjax.optim.MatrixDims(1, 2)}
+    tx = memjax.optim.scale_by_low_rank(8, 5, projector="random", labels=labels)
+    state = tx.init(params)
+    for leaf in jax.tree.leaves(state.projector):
+        assert leaf.dtype == jnp.uint32 and leaf.shape[-1] == 2 and leaf.size <= 3 * 2
+    _, state2 = tx.update({"w": jnp.ones((64, 32)), "v": jnp.ones((3, 40, 24))}, state)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state2.projector) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), state.projector)
+    assert memjax.optim.state_bytes(state.projector) == 4 * 2 * 4
+
+
+def test_dct_state_is_int32_indices():
+    tx = memjax.optim.scale_by_low_rank(8, 5, projector="dct")
+    state = tx.init({"w": jnp.zeros((64, 32))})
+    (idx,) = jax.tree.leaves(state.projector)
+    assert idx.dtype == jnp.int32 and idx.shape == (8,)

@@ -21,6 +21,7 @@ from memjax.optim.labels import DEFAULT_EXCLUDE, MatrixDims, label_matrices, res
 from memjax.optim.low_rank import LowRankState, scale_by_low_rank
 from memjax.optim.projectors import Projector, canonicalize_signs, dct_basis, make_projector
 from memjax.optim.residual import ResidualPolicy
+from memjax.optim.sharding import state_shardings
 from memjax.optim.weight_decay import add_decayed_weights_after_step
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "scale_by_low_rank",
     "skip_nonfinite",
     "state_bytes",
+    "state_shardings",
 ]

@@ -19,6 +19,11 @@ The side of each projection (``proj_type``) follows the GaLore rules (``"std"``:
 smaller dimension, moments ``r x max(m, n)``), or ``"min_state"``: the side that minimises the
 inner state plus projector bytes, computed from the inner optimizer's own ``init``.
 
+Sharding: under automatic (``AxisType.Auto``) meshes the transform runs on sharded parameters
+and keeps its state sharded when jitted with :func:`memjax.optim.state_shardings`. Meshes with
+explicit axes are not supported yet (SVD and the contracted projections would need
+``out_sharding`` annotations).
+
 Reference: Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
 Projection", arXiv 2403.03507 (2024), Algorithm 2.
 """

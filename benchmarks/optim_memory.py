@@ -1,0 +1,165 @@
+"""Optimizer-state memory, update-step time and projector-refresh time on a LLaMA-60M-shaped tree.
+
+Run by hand (prints a markdown report; nothing here is asserted):
+
+    python -m benchmarks.optim_memory            # full: T = 200, 2 T timed steps per optimizer
+    python -m benchmarks.optim_memory --quick    # the README main job: a few steps, ~1-2 min
+
+Measured in one run, so the ratios compare like with like:
+  * optimizer-state bytes (from the state pytree) for optax.adamw, optax.contrib.galore and
+    memjax.optim.galore with svd / dct / random projectors, proj_type "std" and "min_state";
+  * mean update-step time over ``steps`` steps, refreshes included (every ``T`` steps);
+  * compiled memory of the jitted update step (XLA ``memory_analysis``);
+  * one projector refresh (svd vs dct vs random) on 1376x512 (r 128) and 4096x1024 (r 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import contrib
+
+import memjax
+from memjax.optim import make_projector
+
+MB = 1024**2
+
+
+def llama_tree(d=512, ffn=1376, layers=8, vocab=32000, dtype=jnp.float32):
+    """Parameter shapes of the GaLore paper's LLaMA-60M (untied embedding and head)."""
+    sds = lambda *s: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+    tree = {"embed_tokens": sds(vocab, d), "norm": {"scale": sds(d)}, "lm_head": sds(d, vocab)}
+    for i in range(layers):
+        tree[f"layer_{i}"] = {
+            "attn": {k: sds(d, d) for k in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            "mlp": {"gate_proj": sds(d, ffn), "up_proj": sds(d, ffn), "down_proj": sds(ffn, d)},
+            "input_norm": {"scale": sds(d)}, "post_attn_norm": {"scale": sds(d)},
+        }
+    return tree
+
+
+def optimizers(rank, gap, lr=1e-3):
+    def optax_galore_dims(params):
+        labels = memjax.optim.label_matrices(params, rank)
+        return jax.tree.map(lambda l: contrib.GaLoreDimensionNumbers() if l else None, labels,
+                            is_leaf=lambda x: x is None or isinstance(x, memjax.optim.MatrixDims))
+
+    out = {
+        "optax.adamw": optax.adamw(lr, eps=1e-6),
+        "optax.contrib.galore": contrib.galore(lr, rank=rank, update_proj_gap=gap, scale=0.25,
+                                               weight_dimension_numbers=optax_galore_dims),
+    }
+    for projector in ("svd", "dct", "random"):
+        for proj_type in ("std", "min_state"):
+            out[f"memjax galore {projector} {proj_type}"] = memjax.optim.galore(
+                lr, rank=rank, update_proj_gap=gap, projector=projector, proj_type=proj_type)
+    out["memjax galore svd std staggered"] = memjax.optim.galore(
+        lr, rank=rank, update_proj_gap=gap, refresh="staggered")
+    return out
+
+
+def _materialize(tree, seed):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([0.02 * jax.random.normal(k, x.shape, x.dtype)
+                              for k, x in zip(keys, leaves)])
+
+
+def time_steps(tx, params, grads, steps):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = jax.jit(tx.init)(params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    mem = compiled.memory_analysis()
+    params = jax.tree.map(jnp.copy, params)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        params, state = compiled(params, state, grads)
+        jax.block_until_ready(params)
+        times.append(time.perf_counter() - t0)
+    return sum(times) / len(times), mem
+
+
+def refresh_times(shapes, repeats=3):
+    rows = []
+    for (m, n), r in shapes:
+        g = jax.random.normal(jax.random.key(0), (m, n))
+        row = {}
+        for name in ("svd", "dct", "random"):
+            p = make_projector(name, m, n, r, "right" if m >= n else "left")
+            fn = jax.jit(lambda g, s, k, p=p: p.refresh(g, s, k))
+            s0, key = p.init(jax.random.key(0)), jax.random.key(1)
+            jax.block_until_ready(fn(g, s0, key))
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                jax.block_until_ready(fn(g, s0, key))
+            row[name] = (time.perf_counter() - t0) / repeats
+        rows.append(((m, n), r, row))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--gap", type=int, default=200, help="update_proj_gap T")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 2 T)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="T = 4, 8 timed steps, 2 layers")
+    ap.add_argument("--only", default=None, help="comma-separated optimizer names to time")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.gap, args.layers = 4, 2
+    steps = args.steps or 2 * args.gap
+
+    shapes = llama_tree(layers=args.layers)
+    params = _materialize(shapes, 0)
+    grads = _materialize(shapes, 1)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"## Optimizer memory and speed: LLaMA-60M-shaped tree ({args.layers} layers, "
+          f"{n_params / 1e6:.1f}M params), rank {args.rank}, T {args.gap}, {steps} timed steps\n")
+    print(f"machine: {platform.machine()} {jax.devices()[0].platform} x{jax.device_count()}, "
+          f"jax {jax.__version__}, optax {optax.__version__}\n")
+
+    results = {}
+    txs = optimizers(args.rank, args.gap)
+    if args.only:
+        keep = set(args.only.split(","))
+        txs = {k: v for k, v in txs.items() if k in keep or k == "optax.adamw"}
+    for name, tx in txs.items():
+        sbytes = memjax.optim.state_bytes(jax.eval_shape(tx.init, shapes))
+        t, mem = time_steps(tx, params, grads, steps)
+        results[name] = (sbytes, t, mem)
+
+    base_bytes, base_t, _ = results["optax.adamw"]
+    ref = results.get("optax.contrib.galore")
+    print("| optimizer | state MB | vs adamw | step ms | vs adamw | vs optax galore | "
+          "compiled temp MB | compiled peak MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (sbytes, t, mem) in results.items():
+        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+        vs_galore = f"{t / ref[1]:.2f}x" if ref else "-"
+        print(f"| {name} | {sbytes / MB:.1f} | {sbytes / base_bytes:.3f}x | {1e3 * t:.1f} | "
+              f"{t / base_t:.2f}x | {vs_galore} | {mem.temp_size_in_bytes / MB:.1f} | "
+              f"{peak / MB:.1f} |")
+
+    print("\n### One projector refresh (jitted, float32)\n")
+    print("| matrix | rank | svd ms | dct ms | random ms | dct / svd | random / svd |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    sizes = [((1376, 512), 128)] if args.quick else [((1376, 512), 128), ((4096, 1024), 256)]
+    for (m, n), r, row in refresh_times(sizes):
+        print(f"| {m}x{n} | {r} | {1e3 * row['svd']:.1f} | {1e3 * row['dct']:.1f} | "
+              f"{1e3 * row['random']:.2f} | {row['dct'] / row['svd']:.3f} | "
+              f"{row['random'] / row['svd']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,3 +1,14 @@
 """Flax NNX sequence layers and a decoder language model."""
 
-__all__: list[str] = []
+from memjax.models.linear_attention import HedgehogFeatureMap, LinearAttention, LinearAttentionCache
+from memjax.models.mamba import BidirectionalMamba, Mamba, MambaCache, ResidualVisionMamba
+
+__all__ = [
+    "BidirectionalMamba",
+    "HedgehogFeatureMap",
+    "LinearAttention",
+    "LinearAttentionCache",
+    "Mamba",
+    "MambaCache",
+    "ResidualVisionMamba",
+]

@@ -24,6 +24,11 @@ def galore_side(proj_type: str, m: int, n: int) -> str:
         return "right" if m >= n else "left"
     if proj_type == "reverse_std":
         return "left" if m >= n else "right"
+    if proj_type == "min_state":
+        # Adam keeps 2 moments of the low-rank shape; the SVD projector stores P.
+        r = 1  # both costs are linear in r
+        left, right = 2 * r * n + m * r, 2 * m * r + r * n
+        return galore_side("std", m, n) if left == right else ("left" if left < right else "right")
     return proj_type
 
 

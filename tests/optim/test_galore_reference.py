@@ -10,7 +10,7 @@ import memjax
 from tests.optim.numpy_reference import AdamW, GaLoreAdamW
 
 SHAPES = [(48, 20), (20, 48), (32, 32)]
-PROJ_TYPES = ["std", "reverse_std", "left", "right"]
+PROJ_TYPES = ["std", "reverse_std", "left", "right", "min_state"]
 STEPS, GAP, RANK = 13, 4, 6  # refreshes at t = 0, 4, 8, 12
 
 

@@ -10,9 +10,11 @@ shape (d_k, d_v) per batch element and head, which :func:`linear_attention_step`
 at a time for decoding. Lightning attention (TransNormerLLM) uses the fixed per-head decays of
 :func:`lightning_decay`, ``lam_h = exp(-s_h)`` with slopes ``s_h = 2^(-8 (h + 1) / H)``.
 
-Implementations (``impl``): ``"xla"`` the chunkwise form of ``chunked.py``; ``"reference"`` the
-quadratic form of ``reference.py`` (O(L^2), for tests); ``"auto"`` picks the best available,
-today ``"xla"``. A Pallas kernel registers in ``_IMPLEMENTATIONS`` under the same contract.
+Implementations (``impl``): ``"xla"`` the chunkwise form of ``chunked.py``; ``"pallas"`` the
+Pallas kernels of ``pallas.py`` (Triton on GPU, Mosaic on TPU, ``interpret=True`` on CPU) for the
+causal un-normalised form, which falls back to ``"xla"`` for ``normalize=True`` or
+``causal=False``; ``"reference"`` the quadratic form of ``reference.py`` (O(L^2), for tests);
+``"auto"`` is ``"pallas"`` on GPU and TPU and ``"xla"`` elsewhere (CPU).
 
 Layout: ``q, k``: (batch, L, heads, d_k); ``v``: (batch, L, heads, d_v); ``decay``: (heads,);
 state: (batch, heads, d_k, d_v), or :class:`LinearAttentionState` ``(kv, k_sum)`` with ``k_sum``
@@ -28,11 +30,14 @@ References:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from memjax.kernels.linear_attention.chunked import linear_attention_chunked
+from memjax.kernels.linear_attention.pallas import linear_attention_pallas
 from memjax.kernels.linear_attention.reference import (
     LinearAttentionState,
     linear_attention_quadratic,
@@ -53,10 +58,25 @@ def _quadratic(q, k, v, *, chunk_size, **kwargs):
     return linear_attention_quadratic(q, k, v, **kwargs)
 
 
+def _pallas(q, k, v, *, decay, causal, normalize, eps, chunk_size, initial_state,
+            return_last_state, interpret=False):
+    """The Pallas kernels for the causal un-normalised form; the chunked XLA form otherwise."""
+    if normalize or not causal:
+        return linear_attention_chunked(q, k, v, decay=decay, causal=causal, normalize=normalize,
+                                        eps=eps, chunk_size=chunk_size,
+                                        initial_state=initial_state,
+                                        return_last_state=return_last_state)
+    return linear_attention_pallas(q, k, v, decay=decay, initial_state=initial_state,
+                                   return_last_state=return_last_state, chunk_size=chunk_size,
+                                   interpret=interpret)
+
+
 # Every implementation has the signature of ``linear_attention_chunked``: keyword arguments
-# decay, causal, normalize, eps, chunk_size, initial_state, return_last_state; float32 results.
+# decay, causal, normalize, eps, chunk_size, initial_state, return_last_state; float32 results
+# (the Pallas kernels return ``q.dtype``). "pallas" also takes ``interpret``.
 _IMPLEMENTATIONS = {
     "xla": linear_attention_chunked,
+    "pallas": _pallas,
     "reference": _quadratic,
 }
 
@@ -81,9 +101,9 @@ def lightning_decay(num_heads: int) -> np.ndarray:
 
 
 def _resolve_impl(impl: str) -> str:
-    """The implementation name behind ``impl``; "auto" is the fastest one available."""
+    """The implementation name behind ``impl``; "auto": "pallas" on GPU / TPU, else "xla"."""
     if impl == "auto":
-        return "xla"
+        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
     if impl not in _IMPLEMENTATIONS:
         known = ", ".join(repr(name) for name in ("auto", *_IMPLEMENTATIONS))
         raise ValueError(f"impl must be one of {known}, got {impl!r}.")
@@ -137,7 +157,7 @@ def _check_qkv(q, k, v):
 
 
 def linear_attention(q, k, v, *, decay=None, causal=True, normalize=False, eps=1e-6, chunk_size=64,
-                     initial_state=None, return_last_state=False, impl="auto"):
+                     initial_state=None, return_last_state=False, impl="auto", interpret=False):
     """(Decayed) linear attention over a whole sequence.
 
     Args:
@@ -153,7 +173,8 @@ def linear_attention(q, k, v, *, decay=None, causal=True, normalize=False, eps=1
       initial_state: causal only; state before the first token, (batch, heads, d_k, d_v)
         (or ``(kv, k_sum)`` when ``normalize``). None means zeros.
       return_last_state: causal only; also return the state after the last token (float32).
-      impl: ``"auto"``, ``"xla"`` or ``"reference"``.
+      impl: ``"auto"``, ``"xla"``, ``"pallas"`` or ``"reference"``.
+      interpret: run the ``"pallas"`` kernels in the Pallas interpreter (required on CPU).
 
     Returns:
       out (batch, L, heads, d_v) in ``q.dtype``; ``(out, last_state)`` if ``return_last_state``.
@@ -174,7 +195,10 @@ def linear_attention(q, k, v, *, decay=None, causal=True, normalize=False, eps=1
     if initial_state is not None:
         _check_state(initial_state, "initial_state", normalize, (batch, heads, d_k, d_v),
                      (batch, heads, d_k))
-    fn = _IMPLEMENTATIONS[_resolve_impl(impl)]
+    name = _resolve_impl(impl)
+    fn = _IMPLEMENTATIONS[name]
+    if name == "pallas":
+        fn = functools.partial(fn, interpret=interpret)
     result = fn(q, k, v, decay=decay, causal=causal, normalize=normalize, eps=eps,
                 chunk_size=int(chunk_size), initial_state=initial_state,
                 return_last_state=return_last_state)

@@ -13,8 +13,10 @@ Implementations (`impl=`):
   stores every step's state for the backward pass).
 * ``"xla"``: `xla.selective_scan_xla`, chunked and rematerialised (memory linear in the length, with
   only chunk-boundary states saved for the backward pass); differentiated by JAX autodiff.
-* ``"auto"``: currently always ``"xla"``. A Pallas kernel (with its `jax.custom_vjp`) will be added to
-  `_IMPLEMENTATIONS` and chosen here by backend.
+* ``"pallas"``: `pallas.selective_scan_pallas`, Pallas kernels (Triton on GPU, Mosaic on TPU) that
+  carry the state in fast memory, with a `jax.custom_vjp` whose backward kernel recomputes the states
+  from chunk-entry states. On CPU it needs ``interpret=True`` (the Pallas interpreter, for tests).
+* ``"auto"``: ``"pallas"`` on GPU and TPU, ``"xla"`` elsewhere (CPU).
 
 Reference: A. Gu and T. Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
 arXiv 2312.00752 (2023).
@@ -29,36 +31,46 @@ from typing import Literal
 
 import jax
 
-from memjax.kernels.selective_scan import xla
+from memjax.kernels.selective_scan import pallas, xla
 from memjax.kernels.selective_scan.reference import selective_scan_reference
 
 Array = jax.Array
-Impl = Literal["auto", "xla", "reference"]
+Impl = Literal["auto", "xla", "pallas", "reference"]
 
 DEFAULT_CHUNK_SIZE = xla.DEFAULT_CHUNK_SIZE
 
 
-def _reference_impl(*args, chunk_size: int, initial_state: Array | None):
-    del chunk_size  # the reference has no chunks
+def _reference_impl(*args, chunk_size: int, initial_state: Array | None, interpret: bool):
+    del chunk_size, interpret  # the reference has no chunks and no kernels
     return selective_scan_reference(*args, initial_state=initial_state)
 
 
-def _xla_impl(*args, chunk_size: int, initial_state: Array | None):
+def _xla_impl(*args, chunk_size: int, initial_state: Array | None, interpret: bool):
+    del interpret
     return xla.selective_scan_xla(*args, chunk_size=chunk_size, initial_state=initial_state)
+
+
+def _pallas_impl(*args, chunk_size: int, initial_state: Array | None, interpret: bool):
+    return pallas.selective_scan_pallas(
+        *args, chunk_size=chunk_size, initial_state=initial_state, interpret=interpret
+    )
 
 
 _IMPLEMENTATIONS: dict[str, Callable[..., Array | tuple[Array, Array]]] = {
     "xla": _xla_impl,
+    "pallas": _pallas_impl,
     "reference": _reference_impl,
 }
 IMPLS = ("auto", *_IMPLEMENTATIONS)
 
 
 def resolve_impl(impl: str) -> str:
-    """Map `impl` to a concrete implementation name ("auto" -> "xla" for now)."""
+    """Map `impl` to a concrete implementation name ("auto": "pallas" on GPU / TPU, else "xla")."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return "xla" if impl == "auto" else impl
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    return impl
 
 
 def _check_shape(name: str, array: Array | None, expected: tuple[int, ...], meaning: str) -> None:
@@ -111,6 +123,7 @@ def selective_scan(
     initial_state: Array | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     impl: Impl = "auto",
+    interpret: bool = False,
 ) -> Array | tuple[Array, Array]:
     """Selective scan (Mamba's S6), computed in float32.
 
@@ -126,8 +139,10 @@ def selective_scan(
       return_last_state: also return the state after the last step.
       initial_state: (batch, channels, N) state before the first step (zeros when None), e.g. to
         continue a sequence from a previous call's last state.
-      chunk_size: maximum chunk length of the "xla" implementation (a positive int).
-      impl: "auto", "xla" or "reference".
+      chunk_size: maximum chunk length of the "xla" implementation, and the chunk length of the
+        "pallas" kernels (a positive int; rounded up to a multiple of 8 on TPU).
+      impl: "auto", "xla", "pallas" or "reference".
+      interpret: run the "pallas" kernels in the Pallas interpreter (required on CPU).
 
     Returns:
       y (batch, length, channels) in `u`'s dtype; with `return_last_state`, `(y, last_state)` where
@@ -160,12 +175,30 @@ def selective_scan(
         return_last_state=bool(return_last_state),
         chunk_size=int(chunk_size),
         impl=name,
+        interpret=interpret,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("delta_softplus", "return_last_state", "chunk_size", "impl"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("delta_softplus", "return_last_state", "chunk_size", "impl", "interpret"),
+)
 def _dispatch(
-    u, delta, A, B, C, D, z, delta_bias, initial_state, *, delta_softplus, return_last_state, chunk_size, impl
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    initial_state,
+    *,
+    delta_softplus,
+    return_last_state,
+    chunk_size,
+    impl,
+    interpret,
 ):
     """Validated call of one implementation, compiled once per shape (inlined under an outer jit)."""
     return _IMPLEMENTATIONS[impl](
@@ -181,4 +214,5 @@ def _dispatch(
         return_last_state,
         chunk_size=chunk_size,
         initial_state=initial_state,
+        interpret=interpret,
     )

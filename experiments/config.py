@@ -1,0 +1,302 @@
+"""Typed, frozen run configurations; every field can be overridden from the command line (tyro).
+
+A :class:`Config` describes one experiment: a model, one or more optimizers trained side by side on
+the same data with the same seed, the data, the device mesh, the learning-rate schedule, evaluation,
+checkpointing and logging. Named experiments live in ``experiments/configs/<name>.py`` as a module
+constant ``CONFIG``; ``python -m experiments.train --config <name> --model.d-model 128`` overrides any
+field.
+
+Adding a memjax recipe (fira, apollo, frugal, q_galore, mezo) means: add its name to
+:data:`OptimizerName`, any new hyperparameter to :class:`OptimizerConfig`, and one builder to
+``experiments.optimizers.RECIPES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+OptimizerName = Literal["adamw", "galore"]
+ProjectorName = Literal["svd", "dct", "random"]
+ProjType = Literal["std", "reverse_std", "left", "right", "min_state"]
+RefreshMode = Literal["synchronous", "staggered"]
+DataSourceName = Literal["stdlib", "text", "tokens", "selective_copy", "mqar"]
+
+
+class ConfigError(ValueError):
+    """A configuration (or a run directory) that cannot be run; the message names the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The decoder LM (:class:`memjax.models.lm.LMConfig`); ``max_length`` is the data's ``seq_len``."""
+
+    vocab_size: int = 256
+    """Tokens; 256 for byte-level data. Must exceed every token id of the data."""
+    d_model: int = 64
+    """Model width."""
+    num_layers: int = 2
+    """Decoder blocks (stacked, run with lax.scan)."""
+    num_heads: int = 4
+    """Heads of the mixer; must divide d_model."""
+    ffn_dim: int = 172
+    """Hidden width of the SwiGLU MLP."""
+    mixer: str = "attention"
+    """Sequence mixer: attention | mamba | linear | combiner | scatterbrain."""
+    remat: str = "none"
+    """Rematerialisation policy: none | full | selective."""
+    tie_embeddings: bool = False
+    """Share the embedding with the output head."""
+    dtype: str = "float32"
+    """Activation dtype."""
+    param_dtype: str = "float32"
+    """Parameter dtype."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """One optimizer, chosen by ``name``; recipe fields a recipe does not use are ignored."""
+
+    name: OptimizerName = "adamw"
+    """Recipe: adamw (optax) or galore (memjax.optim.galore)."""
+    label: str = ""
+    """Display name and run sub-directory; default: the name (plus the projector for galore)."""
+    learning_rate: float = 2e-3
+    """Peak learning rate of the warmup + cosine schedule."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    b1: float = 0.9
+    """Adam beta1."""
+    b2: float = 0.999
+    """Adam beta2."""
+    eps: float = 1e-6
+    """Adam epsilon (1e-6 as in the GaLore authors' code, for every recipe)."""
+    rank: int = 16
+    """Low-rank recipes: projection rank r."""
+    update_proj_gap: int = 50
+    """Low-rank recipes: projector refresh period T (steps)."""
+    scale: float = 0.25
+    """Low-rank recipes: scale (alpha) of the back-projected update."""
+    projector: ProjectorName = "svd"
+    """Low-rank recipes: svd (GaLore), dct (SVD-free) or random (seed-only state)."""
+    proj_type: ProjType = "std"
+    """Low-rank recipes: which side is projected."""
+    refresh: RefreshMode = "synchronous"
+    """Low-rank recipes: refresh every matrix at once or staggered across steps."""
+
+    @property
+    def display_name(self) -> str:
+        if self.label:
+            return self.label
+        if self.name == "galore":
+            return f"galore-{self.projector}"
+        return self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from (see :mod:`experiments.data`)."""
+
+    source: DataSourceName = "stdlib"
+    """stdlib (bytes of Python's own sources + pydoc topics) | text (paths, bytes) | tokens (paths,
+    .npy / .bin) | selective_copy | mqar (synthetic, from the seed)."""
+    paths: tuple[str, ...] = ()
+    """Files of the text / tokens sources."""
+    token_dtype: str = "uint16"
+    """dtype of raw .bin token files."""
+    seq_len: int = 128
+    """Tokens per sequence (the model's max_length)."""
+    batch_size: int = 16
+    """Sequences per optimizer step (all devices, all accumulation micro-steps)."""
+    max_corpus_bytes: int = 4_000_000
+    """Cap on the stdlib corpus size (the first sorted files up to the cap)."""
+    val_fraction: float = 0.05
+    """Share of the corpus held out for validation."""
+    num_tokens_to_copy: int = 8
+    """selective_copy: data tokens to copy."""
+    num_kv_pairs: int = 8
+    """mqar: key-value pairs per sequence."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """A 2-D device mesh ``(data, fsdp)``; -1 takes the remaining devices."""
+
+    data: int = -1
+    """Data-parallel axis size (batch only)."""
+    fsdp: int = 1
+    """Fully-sharded axis size (batch and parameters / optimizer state)."""
+    rules: tuple[tuple[str, str], ...] = (("embed", "fsdp"),)
+    """Logical parameter axis -> mesh axis; unnamed logical axes are replicated."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Steps, learning-rate schedule (GaLore-style warmup + cosine), accumulation, clipping."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    warmup_fraction: float = 0.1
+    """Linear warmup over this fraction of the steps."""
+    final_lr_fraction: float = 0.1
+    """Cosine decay to this fraction of the peak learning rate."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (batch_size must be divisible by it)."""
+    clip_norm: float = 1.0
+    """Global gradient-norm clipping; 0 disables it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Validation loss every ``every`` steps (and at the last step) on fixed held-out batches."""
+
+    every: int = 50
+    """Evaluate every this many steps; 0: only at the end."""
+    batches: int = 4
+    """Validation batches (of data.batch_size sequences)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing (async, atomic)."""
+
+    every: int = 100
+    """Save every this many steps (and at the last step); 0: only at the end."""
+    max_to_keep: int = 2
+    """Checkpoints kept."""
+    async_save: bool = True
+    """Write checkpoints in the background."""
+    resume: bool = True
+    """Resume from the latest checkpoint of the run directory if there is one."""
+    stop_after: int = 0
+    """Stop (after saving) once this step is reached, as if preempted; 0: never."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Outputs."""
+
+    output_dir: str = "runs"
+    """Runs go to <output_dir>/<config name>/<optimizer label>/."""
+    log_every: int = 10
+    """Fetch metrics from the device and append them to metrics.jsonl every this many steps."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    plots: bool = True
+    """Write loss and memory plots (PNG) after the runs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs (``jax.distributed.initialize``); empty address: one process."""
+
+    coordinator_address: str = ""
+    """host:port of process 0, e.g. localhost:12345."""
+    num_processes: int = 1
+    """Processes taking part."""
+    process_id: int = 0
+    """This process's index."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """An experiment: every optimizer in ``optimizers`` trains the same model on the same data."""
+
+    name: str = "default"
+    """Experiment name (the run directory under log.output_dir)."""
+    seed: int = 0
+    """Seeds the model initialisation, the data order and the PRNG state."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optimizers: tuple[OptimizerConfig, ...] = (OptimizerConfig(),)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    select: tuple[str, ...] = ()
+    """Train only the optimizers with these labels (default: all)."""
+
+    @property
+    def selected(self) -> tuple[OptimizerConfig, ...]:
+        """The optimizers this invocation trains."""
+        if not self.select:
+            return self.optimizers
+        return tuple(o for o in self.optimizers if o.display_name in self.select)
+
+
+# Sections that must match for a checkpoint to be resumed exactly (mesh, eval, checkpoint and
+# log settings may change between a run and its resumption).
+RESUME_SECTIONS = ("seed", "model", "data", "schedule")
+
+
+def to_json_dict(config: Any) -> dict:
+    """A dataclass as plain JSON data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def resume_fingerprint(config: Config, optimizer: OptimizerConfig) -> dict:
+    """The parts of a run's config that a checkpoint must agree with, as JSON data."""
+    full = to_json_dict(config)
+    out = {k: full[k] for k in RESUME_SECTIONS}
+    out["optimizer"] = to_json_dict(optimizer)
+    return out
+
+
+def fingerprint_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``["model.d_model: saved 64, now 32", ...]`` for every leaf that differs."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(fingerprint_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            diffs.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
+    return diffs
+
+
+def validate(config: Config) -> None:
+    """Raises :class:`ConfigError` for settings that cannot run (devices are checked elsewhere)."""
+    s, d = config.schedule, config.data
+    checks = [
+        (config.optimizers, "optimizers must name at least one optimizer"),
+        (s.steps >= 1, f"schedule.steps={s.steps} must be >= 1"),
+        (0 <= s.warmup_fraction < 1, f"schedule.warmup_fraction={s.warmup_fraction} must be in [0, 1)"),
+        (0 <= s.final_lr_fraction <= 1,
+         f"schedule.final_lr_fraction={s.final_lr_fraction} must be in [0, 1]"),
+        (s.grad_accum >= 1, f"schedule.grad_accum={s.grad_accum} must be >= 1"),
+        (s.clip_norm >= 0, f"schedule.clip_norm={s.clip_norm} must be >= 0"),
+        (d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2"),
+        (d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1"),
+        (d.batch_size % s.grad_accum == 0,
+         f"data.batch_size={d.batch_size} is not divisible by schedule.grad_accum={s.grad_accum}"),
+        (0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)"),
+        (config.eval.every >= 0 and config.eval.batches >= 1,
+         "eval.every must be >= 0 and eval.batches >= 1"),
+        (config.checkpoint.every >= 0 and config.checkpoint.max_to_keep >= 1,
+         "checkpoint.every must be >= 0 and checkpoint.max_to_keep >= 1"),
+        (config.log.log_every >= 1, f"log.log_every={config.log.log_every} must be >= 1"),
+        (d.source not in ("text", "tokens") or d.paths, f"data.source={d.source!r} needs data.paths"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    labels = [o.display_name for o in config.optimizers]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"optimizer labels must be unique, got {labels}; set optimizers.N.label")
+    unknown = [x for x in config.select if x not in labels]
+    if unknown:
+        raise ConfigError(f"select names unknown optimizer labels {unknown}; the config has {labels}")
+    dist = config.distributed
+    if dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes:
+        raise ConfigError(f"distributed: process_id={dist.process_id} must be in [0, num_processes="
+                          f"{dist.num_processes})")
+    for o in config.optimizers:
+        if o.learning_rate <= 0:
+            raise ConfigError(f"optimizer {o.display_name}: learning_rate must be > 0")
+        if o.name != "adamw" and o.rank >= min(config.model.d_model, config.model.ffn_dim):
+            raise ConfigError(
+                f"optimizer {o.display_name}: rank={o.rank} must be smaller than "
+                f"min(model.d_model, model.ffn_dim)={min(config.model.d_model, config.model.ffn_dim)}")

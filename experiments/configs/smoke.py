@@ -1,0 +1,18 @@
+"""Seconds on a CPU: a 1-layer d=32 model, 40 steps of AdamW and GaLore (tests, CI, quick checks)."""
+
+from experiments.config import (CheckpointConfig, Config, DataConfig, EvalConfig, LogConfig,
+                                ModelConfig, OptimizerConfig, ScheduleConfig)
+
+CONFIG = Config(
+    seed=0,
+    model=ModelConfig(vocab_size=256, d_model=32, num_layers=1, num_heads=2, ffn_dim=64),
+    optimizers=(
+        OptimizerConfig(name="adamw", learning_rate=3e-3),
+        OptimizerConfig(name="galore", learning_rate=1e-2, rank=8, update_proj_gap=10),
+    ),
+    data=DataConfig(source="stdlib", seq_len=32, batch_size=8, max_corpus_bytes=300_000),
+    schedule=ScheduleConfig(steps=40),
+    eval=EvalConfig(every=20, batches=2),
+    checkpoint=CheckpointConfig(every=10),
+    log=LogConfig(log_every=5, plots=False),
+)

@@ -1,0 +1,182 @@
+"""The compiled pieces of a run: train state, sharded init, train step and evaluation.
+
+The model is split once (``nnx.split``) into a static graph definition and a pure dict of
+parameters; the jitted functions rebuild it with ``nnx.merge`` at trace time only, so no Python
+graph traversal happens per step. One step::
+
+    grads = mean over A micro-batches of grad(next_token_loss)     # lax.scan, gradient accumulation
+    updates, opt_state = tx.update(grads, opt_state, params)       # clip -> recipe, skip if non-finite
+    params = params + updates
+
+is compiled once with explicit in/out shardings (parameters by logical axis names, optimizer state
+following them, batches over ``(data, fsdp)``) and the state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+import memjax
+from experiments import sharding
+from experiments.data import Batch
+from memjax.models.lm import LM, LMConfig, next_token_loss
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes. ``rng`` is raw ``uint32`` key data (checkpoint friendly)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """Compiled functions of one run and the shardings they use.
+
+    Attributes:
+      graphdef: the model's static graph.
+      tx: the optimizer.
+      schedule: its learning-rate schedule.
+      abstract_state: ``TrainState`` of ``jax.ShapeDtypeStruct`` s.
+      state_shardings: ``TrainState`` of ``NamedSharding`` s.
+      batch_shardings: ``Batch`` of ``NamedSharding`` s for (A, B / A, L) arrays.
+      init: ``() -> TrainState`` (sharded).
+      step: compiled ``(TrainState, Batch) -> (TrainState, metrics)``; donates the state.
+      eval_loss: ``(params, Batch) -> loss``.
+      compiled_memory: XLA's memory figures of ``step`` (per device).
+    """
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: TrainState
+    state_shardings: TrainState
+    batch_shardings: Batch
+    init: Any
+    step: Any
+    eval_loss: Any
+    compiled_memory: memjax.optim.CompiledMemory
+
+
+def init_model_params(lm_config: LMConfig, seed: int) -> Any:
+    """The model's parameters as a pure dict (``nnx.to_pure_dict`` of its ``nnx.Param`` state)."""
+    model = LM(lm_config, rngs=nnx.Rngs(params=seed))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise NotImplementedError("the trainer supports models whose only state is nnx.Param")
+    return nnx.to_pure_dict(params)
+
+
+def abstract_model(lm_config: LMConfig, seed: int = 0) -> tuple[Any, Any, Any]:
+    """``(graphdef, abstract params (pure dict), logical PartitionSpecs (pure dict))``."""
+    model = nnx.eval_shape(lambda: LM(lm_config, rngs=nnx.Rngs(params=seed)))
+    graphdef, params = nnx.split(model, nnx.Param, ...)[:2]
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(nnx.get_partition_spec(params))
+
+
+def micro_batches(batch: Batch, grad_accum: int) -> Batch:
+    """(B, ...) -> (A, B / A, ...) for gradient accumulation."""
+    return Batch(*(x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]) for x in batch))
+
+
+def to_device(batch: Batch, shardings: Batch) -> Batch:
+    """Host arrays (identical on every process) -> global sharded arrays."""
+    return Batch(*(jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx])
+                   for x, s in zip(batch, shardings)))
+
+
+def _compiled_memory(compiled: Any) -> memjax.optim.CompiledMemory:
+    a = compiled.memory_analysis()
+    return memjax.optim.CompiledMemory(
+        argument=int(a.argument_size_in_bytes), output=int(a.output_size_in_bytes),
+        alias=int(a.alias_size_in_bytes), temp=int(a.temp_size_in_bytes),
+        generated_code=int(a.generated_code_size_in_bytes))
+
+
+def build(lm_config: LMConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+          mesh: jax.sharding.Mesh, rules: tuple, seed: int, micro_batch: int, grad_accum: int,
+          seq_len: int) -> Trainer:
+    """Shardings and compiled init / step / eval of one run (nothing is allocated but the init)."""
+    graphdef, abstract_params, logical = abstract_model(lm_config, seed)
+    param_sh = sharding.param_shardings(abstract_params, logical, rules, mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = memjax.optim.state_shardings(abstract_opt, abstract_params, param_sh)
+    rep = sharding.replicated(mesh)
+    state_sh = TrainState(rep, param_sh, opt_sh, rep)
+
+    def init() -> TrainState:
+        params = init_model_params(lm_config, seed)
+        rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
+        return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params), rng)
+
+    def loss_fn(params, tokens, mask):
+        return next_token_loss(nnx.merge(graphdef, params), tokens, mask)
+
+    def train_step(state: TrainState, batch: Batch):
+        def micro(grad_sum, mb):
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, mb.tokens, mb.mask)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        grad_sum, losses = jax.lax.scan(micro, optax.tree.zeros_like(state.params), batch)
+        grads = jax.lax.with_sharding_constraint(optax.tree.scale(1.0 / grad_accum, grad_sum), param_sh)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        metrics = {"loss": jnp.mean(losses), "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state.step), "skipped": opt_state.skipped}
+        return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+    def eval_loss(params, batch: Batch):
+        return jnp.mean(jax.lax.map(lambda mb: loss_fn(params, mb.tokens, mb.mask), batch))
+
+    spec = lambda *shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    abstract_batch = Batch(spec(grad_accum, micro_batch, seq_len, dtype=jnp.int32),
+                           spec(grad_accum, micro_batch, seq_len - 1, dtype=jnp.float32))
+    batch_sh = Batch(sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 3))
+    init_jit = jax.jit(init, out_shardings=state_sh)
+    abstract_state = jax.eval_shape(init_jit)
+    step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+                   donate_argnums=0).lower(abstract_state, abstract_batch).compile()
+    eval_jit = jax.jit(eval_loss, in_shardings=(param_sh, batch_sh), out_shardings=rep)
+    return Trainer(graphdef, tx, schedule, abstract_state, state_sh, batch_sh, init_jit, step,
+                   eval_jit, _compiled_memory(step))
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """``ShapeDtypeStruct`` s carrying shardings (the restore target of a checkpoint)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def host_metrics(metrics: dict) -> dict:
+    """Device scalars -> Python floats / ints."""
+    return {k: (int(v) if np.issubdtype(np.asarray(v).dtype, np.integer) else float(v))
+            for k, v in jax.device_get(metrics).items()}
+
+
+def params_digest(params: Any) -> str:
+    """First 16 hex digits of the sha256 of every parameter's bytes (in tree order).
+
+    A replicated parameter is hashed from this process's own copy, so processes (or runs) whose
+    digests agree hold bit-identical parameters; sharded ones are gathered first.
+    """
+    h = hashlib.sha256()
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if x.is_fully_replicated:
+            value = np.asarray(x.addressable_data(0))
+        elif x.is_fully_addressable:
+            value = np.asarray(x)
+        else:
+            value = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        h.update(jax.tree_util.keystr(path).encode() + value.tobytes())
+    return h.hexdigest()[:16]

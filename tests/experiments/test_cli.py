@@ -1,0 +1,60 @@
+"""The command line: overrides, and bad input answered by one line, exit status 2, nothing written."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments.config import ConfigError
+from experiments.train import main, parse
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_overrides_reach_every_section():
+    config = parse(["--config", "smoke", "--model.d-model", "48", "--optimizers.1.rank", "4",
+                    "--optimizers.1.projector", "dct", "--mesh.fsdp", "2", "--seed", "7",
+                    "--data.paths", "a.txt", "b.txt", "--log.no-progress"])
+    assert config.name == "smoke" and config.seed == 7 and config.model.d_model == 48
+    assert config.optimizers[1].rank == 4 and config.optimizers[1].display_name == "galore-dct"
+    assert config.mesh.fsdp == 2 and config.data.paths == ("a.txt", "b.txt")
+    assert not config.log.progress
+    assert parse([]).name == "default"
+    assert [o.display_name for o in parse(["--config", "sweep"]).optimizers] == [
+        "adamw", "galore-svd", "galore-dct", "galore-random"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nope"], "unknown config 'nope'"),
+    (["--config", "smoke", "--model.widht", "3"], "--model.widht"),
+    (["--config", "smoke", "--seed", "x"], "--seed"),
+    (["--config", "smoke", "--optimizers.0.name", "sgd"], "'sgd'"),
+    (["--config", "smoke", "--mesh.data", "3"], "mesh: data=3"),
+    (["--config", "smoke", "--mesh.data", "8", "--data.batch-size", "12"], "batch shards"),
+    (["--config", "smoke", "--data.batch-size", "6", "--schedule.grad-accum", "4"], "grad_accum"),
+    (["--config", "smoke", "--optimizers.1.rank", "64"], "rank=64"),
+    (["--config", "smoke", "--model.num-heads", "3"], "model: d_model=32"),
+    (["--config", "smoke", "--data.source", "text"], "needs data.paths"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path, capsys):
+    assert main([*args, "--log.output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_parse_raises_config_error():
+    with pytest.raises(ConfigError, match="Unrecognized"):
+        parse(["--nope"])
+
+
+def test_cli_exit_status_in_a_subprocess(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "experiments.train", "--config", "missing"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown config 'missing'; available: default, smoke, sweep"]
+

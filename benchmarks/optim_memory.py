@@ -6,8 +6,10 @@ Run by hand (prints a markdown report; nothing here is asserted):
     python -m benchmarks.optim_memory --quick    # the README main job: a few steps, ~1-2 min
 
 Measured in one run, so the ratios compare like with like:
-  * optimizer-state bytes (from the state pytree) for optax.adamw, optax.contrib.galore and
-    memjax.optim.galore with svd / dct / random projectors, proj_type "std" and "min_state";
+  * optimizer-state bytes (from the state pytree) for optax.adamw, optax.contrib.galore,
+    memjax.optim.galore with svd / dct / random projectors, proj_type "std" and "min_state",
+    8-bit AdamW, Fira, APOLLO, APOLLO-Mini (also with an 8-bit inner Adam), FRUGAL (SVD and
+    blockwise subspaces) and Q-GaLore, as ratios to optax.adamw and to memjax's GaLore;
   * mean update-step time over ``steps`` steps, refreshes included (every ``T`` steps);
   * compiled memory of the jitted update step (XLA ``memory_analysis``);
   * one projector refresh (svd vs dct vs random) on 1376x512 (r 128) and 4096x1024 (r 256).
@@ -64,6 +66,24 @@ def optimizers(rank, gap, lr=1e-3):
                                                                    proj_type=proj_type)
     out["memjax galore svd std staggered"] = galore(refresh="staggered")
     out["memjax galore svd std + skip_nonfinite"] = galore(skip_nonfinite=True)
+    # Fira / APOLLO / FRUGAL / quantized state (all without the non-finite guard, like optax).
+    out["memjax adamw 8-bit"] = optax.chain(memjax.optim.scale_by_adam_8bit(eps=1e-6),
+                                            optax.scale_by_learning_rate(lr))
+    out["memjax fira"] = memjax.optim.fira(lr, rank=rank, update_proj_gap=gap,
+                                           skip_nonfinite=False)
+    out["memjax apollo"] = memjax.optim.apollo(lr, rank=rank, update_proj_gap=gap,
+                                               skip_nonfinite=False)
+    out["memjax apollo-mini"] = memjax.optim.apollo_mini(lr, update_proj_gap=gap,
+                                                         skip_nonfinite=False)
+    out["memjax apollo-mini + adam 8-bit"] = memjax.optim.apollo_mini(
+        lr, update_proj_gap=gap, inner=memjax.optim.scale_by_adam_8bit(eps=1e-6),
+        skip_nonfinite=False)
+    out["memjax frugal svd"] = memjax.optim.frugal(lr, density=0.25, update_proj_gap=gap,
+                                                   skip_nonfinite=False)
+    out["memjax frugal block"] = memjax.optim.frugal(lr, density=0.25, subspace="block",
+                                                     update_proj_gap=gap, skip_nonfinite=False)
+    out["memjax q-galore"] = memjax.optim.q_galore(lr, rank=rank, update_proj_gap=gap,
+                                                   skip_nonfinite=False)
     return out
 
 
@@ -117,7 +137,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 2 T)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="T = 4, 8 timed steps, 2 layers")
-    ap.add_argument("--only", default=None, help="comma-separated optimizer names to time")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated optimizer names to time (optax.adamw is always kept)")
     args = ap.parse_args(argv)
     if args.quick:
         args.gap, args.layers = 4, 2
@@ -144,14 +165,17 @@ def main(argv=None):
 
     base_bytes, base_t, _ = results["optax.adamw"]
     ref = results.get("optax.contrib.galore")
-    print("| optimizer | state MB | vs adamw | step ms | vs adamw | vs optax galore | "
-          "compiled temp MB | compiled peak MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    galore_bytes = memjax.optim.state_bytes(jax.eval_shape(
+        memjax.optim.galore(1e-3, rank=args.rank, update_proj_gap=args.gap).init, shapes))
+    print("| optimizer | state MB | vs adamw | state vs memjax galore | step ms | vs adamw | "
+          "vs optax galore | compiled temp MB | compiled peak MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (sbytes, t, mem) in results.items():
         peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                 - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
         vs_galore = f"{t / ref[1]:.2f}x" if ref else "-"
-        print(f"| {name} | {sbytes / MB:.1f} | {sbytes / base_bytes:.3f}x | {1e3 * t:.1f} | "
+        print(f"| {name} | {sbytes / MB:.1f} | {sbytes / base_bytes:.3f}x | "
+              f"{sbytes / galore_bytes:.3f}x | {1e3 * t:.1f} | "
               f"{t / base_t:.2f}x | {vs_galore} | {mem.temp_size_in_bytes / MB:.1f} | "
               f"{peak / MB:.1f} |")
 

@@ -1,25 +1,38 @@
 """memjax.optim: memory-lean optimizers as optax ``GradientTransformation`` s.
 
 Recipes (complete optimizers, like ``optax.adamw``):
-  :func:`galore`
+  :func:`galore`, :func:`fira`, :func:`apollo`, :func:`apollo_mini`, :func:`frugal`,
+  :func:`q_galore`
 
 Building blocks:
   :func:`scale_by_low_rank` (the projected transform), :mod:`projectors`, :mod:`residual`,
-  :func:`scale_by_hf_adam`, :func:`skip_nonfinite`, :func:`add_decayed_weights_after_step`,
+  :mod:`limiter` (Fira's norm-growth limiter), :mod:`quantization` (:func:`scale_by_adam_8bit`,
+  INT4 projectors), :func:`scale_by_hf_adam`, :func:`skip_nonfinite`,
+  :func:`add_decayed_weights_after_step`,
   :func:`label_matrices` / :class:`MatrixDims` (which leaves are matrices).
 
 Accounting:
   :func:`state_bytes`, :func:`compiled_memory`.
 """
 
-from memjax.optim import projectors, residual
+from memjax.optim import limiter, projectors, quantization, residual
 from memjax.optim.accounting import CompiledMemory, compiled_memory, state_bytes
 from memjax.optim.adam import ScaleByHFAdamState, scale_by_hf_adam
-from memjax.optim.aliases import galore
+from memjax.optim.aliases import apollo, apollo_mini, fira, frugal, galore, q_galore
 from memjax.optim.guards import SkipNonFiniteState, all_finite, skip_nonfinite
 from memjax.optim.labels import DEFAULT_EXCLUDE, MatrixDims, label_matrices, resolve_labels
+from memjax.optim.limiter import NormGrowthState, limit_norm_growth, scale_by_norm_growth_limit
 from memjax.optim.low_rank import LowRankState, scale_by_low_rank
 from memjax.optim.projectors import Projector, canonicalize_signs, dct_basis, make_projector
+from memjax.optim.quantization import (
+    QuantizedProjectorState,
+    ScaleByAdam8bitState,
+    dequantize_blockwise,
+    quantize_blockwise,
+    quantized_svd_projector,
+    scale_by_adam_8bit,
+    svd_counts,
+)
 from memjax.optim.residual import ResidualPolicy
 from memjax.optim.sharding import state_shardings
 from memjax.optim.weight_decay import add_decayed_weights_after_step
@@ -29,24 +42,41 @@ __all__ = [
     "DEFAULT_EXCLUDE",
     "LowRankState",
     "MatrixDims",
+    "NormGrowthState",
     "Projector",
+    "QuantizedProjectorState",
     "ResidualPolicy",
+    "ScaleByAdam8bitState",
     "ScaleByHFAdamState",
     "SkipNonFiniteState",
     "add_decayed_weights_after_step",
     "all_finite",
+    "apollo",
+    "apollo_mini",
     "canonicalize_signs",
     "compiled_memory",
     "dct_basis",
+    "dequantize_blockwise",
+    "fira",
+    "frugal",
     "galore",
     "label_matrices",
+    "limit_norm_growth",
+    "limiter",
     "make_projector",
     "projectors",
+    "q_galore",
+    "quantization",
+    "quantize_blockwise",
+    "quantized_svd_projector",
     "residual",
     "resolve_labels",
+    "scale_by_adam_8bit",
     "scale_by_hf_adam",
     "scale_by_low_rank",
+    "scale_by_norm_growth_limit",
     "skip_nonfinite",
     "state_bytes",
     "state_shardings",
+    "svd_counts",
 ]

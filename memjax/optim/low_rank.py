@@ -10,14 +10,19 @@ For every leaf labelled as a matrix (see :mod:`memjax.optim.labels`), with gradi
   U_t &= \mathrm{residual}(G_t, R_t, O_t, \mathrm{up}(\cdot; P_t))
 
 Every other leaf gets ``inner(G)`` unchanged. The inner moments are kept across refreshes
-(never reset, never rotated), as the GaLore authors do. Refreshes run inside ``jax.jit`` under
-``lax.cond``; with ``refresh="staggered"`` the refresh of the ``j``-th of ``K`` matrices happens at
-steps ``t`` with ``t mod T = floor(j T / K)`` (and at ``t = 0`` for all), so no step pays for
-every SVD at once.
+(never reset, never rotated), as the GaLore authors do; with ``reset_inner_on_refresh=True``
+(FRUGAL) the inner state of each refreshed leaf is re-initialised at its refresh instead.
+Refreshes run inside ``jax.jit`` under ``lax.cond``; with ``refresh="staggered"`` the refresh
+of the ``j``-th of ``K`` matrices happens at steps ``t`` with ``t mod T = floor(j T / K)`` (and
+at ``t = 0`` for all), so no step pays for every SVD at once.
 
 The side of each projection (``proj_type``) follows the GaLore rules (``"std"``: project the
 smaller dimension, moments ``r x max(m, n)``), or ``"min_state"``: the side that minimises the
 inner state plus projector bytes, computed from the inner optimizer's own ``init``.
+
+``projector`` names a subspace of :mod:`memjax.optim.projectors` or is a factory
+``(m, n, rank, side, dtype) -> Projector`` (e.g. the INT4-stored SVD projector of
+:mod:`memjax.optim.quantization`), so every subspace shares this one code path.
 
 Sharding: under automatic (``AxisType.Auto``) meshes the transform runs on sharded parameters
 and keeps its state sharded when jitted with :func:`memjax.optim.state_shardings`. Meshes with
@@ -31,6 +36,7 @@ Projection", arXiv 2403.03507 (2024), Algorithm 2.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -42,6 +48,9 @@ from memjax.optim import projectors as proj_lib
 from memjax.optim import residual as residual_lib
 
 REFRESH_MODES = ("synchronous", "staggered")
+
+ProjectorFactory = Callable[[int, int, int, str, Any], proj_lib.Projector]
+"""``(m, n, rank, side, dtype) -> Projector``: a custom subspace for ``scale_by_low_rank``."""
 
 
 class LowRankState(NamedTuple):
@@ -81,6 +90,12 @@ def _tree_bytes(tree) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def _make_projector(projector, m, n, rank, side, dtype) -> proj_lib.Projector:
+    if callable(projector):
+        return projector(m, n, rank, side, dtype)
+    return proj_lib.make_projector(projector, m, n, rank, side, dtype)
+
+
 def _min_state_side(name, m, n, rank, dtype, inner) -> str:
     """The side whose inner state + projector state takes fewer bytes (ties: GaLore "std")."""
     key = jax.random.key(0)
@@ -88,7 +103,7 @@ def _min_state_side(name, m, n, rank, dtype, inner) -> str:
     for side in proj_lib.SIDES:
         if rank > (m if side == "left" else n):
             continue
-        p = proj_lib.make_projector(name, m, n, rank, side, dtype)
+        p = _make_projector(name, m, n, rank, side, dtype)
         low = jax.ShapeDtypeStruct(p.low_shape, dtype)
         cost[side] = (_tree_bytes(jax.eval_shape(inner.init, low))
                       + _tree_bytes(jax.eval_shape(p.init, key)))
@@ -100,6 +115,31 @@ def _batched(fn, nbatch: int, in_axes):
     return jax.vmap(fn, in_axes=in_axes) if nbatch else fn
 
 
+class _Pair:
+    """Current and freshly initialised value of one inner-state leaf (a pytree leaf)."""
+
+    def __init__(self, current, fresh):
+        self.current, self.fresh = current, fresh
+
+
+def _select(flag, fresh, current):
+    return current if flag is False else jnp.where(flag, fresh, current)
+
+
+def _reset_inner(inner, inner_state, lows_tree, dues_tree, all_due):
+    """Re-initialises the inner state of refreshed leaves (FRUGAL).
+
+    Every copy of the (low-rank) parameter tree inside ``inner_state`` (moments, found with
+    ``optax.tree_map_params``) takes its freshly initialised value where the leaf refreshed;
+    the other fields (step counts) are re-initialised only when ``all_due``.
+    """
+    fresh = inner.init(jax.tree.map(jnp.zeros_like, lows_tree))
+    pairs = jax.tree.map(_Pair, inner_state, fresh)
+    return optax.tree_map_params(
+        inner, lambda p, due: _select(due, p.fresh, p.current), pairs, dues_tree,
+        transform_non_params=lambda p: _select(all_due, p.fresh, p.current))
+
+
 def scale_by_low_rank(
     rank: int,
     update_proj_gap: int = 200,
@@ -108,10 +148,11 @@ def scale_by_low_rank(
     residual: residual_lib.ResidualPolicy | None = None,
     scale: float = 1.0,
     proj_type: str = "std",
-    projector: str = "svd",
+    projector: str | ProjectorFactory = "svd",
     labels: labels_lib.Labels = None,
     refresh: str = "synchronous",
     seed: int = 0,
+    reset_inner_on_refresh: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Runs ``inner`` on low-rank projections of the matrix leaves; the composable building block.
 
@@ -124,12 +165,18 @@ def scale_by_low_rank(
         (default :func:`memjax.optim.residual.drop` with ``scale``).
       scale: GaLore ``scale`` for the default residual policy (ignored if ``residual`` given).
       proj_type: ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"`` or ``"min_state"``.
-      projector: ``"svd"``, ``"dct"`` or ``"random"``.
+      projector: ``"svd"``, ``"dct"`` or ``"random"``, or a factory
+        ``(m, n, rank, side, dtype) -> Projector`` for a custom subspace.
       labels: which leaves are matrices (see :func:`memjax.optim.labels.resolve_labels`);
         default :func:`memjax.optim.label_matrices` with ``rank``.
       refresh: ``"synchronous"`` or ``"staggered"``.
       seed: integer seed of the projectors' PRNG keys (``"random"`` draws a fresh key per refresh
         from ``fold_in(fold_in(key(seed), leaf_index), step)``).
+      reset_inner_on_refresh: re-initialise the inner state of each matrix leaf (all slices of
+        a stacked leaf) at the steps where its projector refreshes, before the inner update (FRUGAL resets
+        Adam at every subspace change). The inner state's other fields (its step count) are
+        re-initialised only at steps where *every* leaf the inner optimizer sees refreshes, i.e.
+        with ``refresh="synchronous"`` and no full-rank leaf; otherwise they are kept.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`LowRankState`.
@@ -146,7 +193,7 @@ def scale_by_low_rank(
         raise TypeError(f"update_proj_gap must be an int, got {type(update_proj_gap).__name__}.")
     if update_proj_gap < 1:
         raise ValueError(f"update_proj_gap={update_proj_gap} must be >= 1.")
-    if projector not in proj_lib.PROJECTORS:
+    if not callable(projector) and projector not in proj_lib.PROJECTORS:
         raise ValueError(f"projector={projector!r} is unknown; choose one of {proj_lib.PROJECTORS}.")
     if proj_type not in proj_lib.PROJ_TYPES:
         raise ValueError(f"proj_type={proj_type!r} is unknown; choose one of {proj_lib.PROJ_TYPES}.")
@@ -172,7 +219,7 @@ def scale_by_low_rank(
                 side = _min_state_side(projector, view.m, view.n, rank, leaf.dtype, inner)
             else:
                 side = proj_lib.side_for(proj_type, view.m, view.n)
-            p = proj_lib.make_projector(projector, view.m, view.n, rank, side, leaf.dtype)
+            p = _make_projector(projector, view.m, view.n, rank, side, leaf.dtype)
             offset = (j * update_proj_gap) // num_low if refresh == "staggered" else 0
             plans.append(_LeafPlan(i, view, side, p, offset))
             j += 1
@@ -214,12 +261,13 @@ def scale_by_low_rank(
         rstates = treedef.flatten_up_to(state.residual)
         count = state.count
 
-        lows, mats, new_pstates = [], [], []
+        lows, mats, new_pstates, dues = [], [], [], []
         for g, lp, ps in zip(leaves, plans, pstates):
             if lp is None:
                 lows.append(g)
                 mats.append(None)
                 new_pstates.append(ps)
+                dues.append(False)
                 continue
             mat = labels_lib.to_matrix(g, lp.view)
             due = (count % update_proj_gap) == lp.offset
@@ -232,8 +280,16 @@ def scale_by_low_rank(
             lows.append(_batched(lp.projector.down, lp.batch, 0)(mat, ps))
             mats.append(mat)
             new_pstates.append(ps)
+            dues.append(due)
 
-        outs, inner_state = inner.update(treedef.unflatten(lows), state.inner_state, None,
+        inner_state = state.inner_state
+        if reset_inner_on_refresh:
+            low_dues = [d for d, lp in zip(dues, plans) if lp is not None]
+            all_due = (jnp.all(jnp.stack(low_dues)) if low_dues and len(low_dues) == len(dues)
+                       else False)
+            inner_state = _reset_inner(inner, inner_state, treedef.unflatten(lows),
+                                       treedef.unflatten(dues), all_due)
+        outs, inner_state = inner.update(treedef.unflatten(lows), inner_state, None,
                                          **extra_args)
         outs = treedef.flatten_up_to(outs)
 

@@ -1,14 +1,13 @@
 """Sharded init + update on 8 CPU devices: equal to the unsharded run, state not replicated."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import memjax
-from tests.optim.conformance import GAP, TRANSFORMS, make_grads
+from tests.optim.conformance import GAP, NORMWISE_RTOL, TRANSFORMS, make_grads
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices")
 
@@ -20,7 +19,8 @@ def _params():
             "bias": jax.random.normal(keys[2], (16,))}
 
 
-@pytest.mark.parametrize("name", ["galore_svd", "galore_dct", "galore_random"])
+@pytest.mark.parametrize("name", ["galore_svd", "galore_dct", "galore_random", "fira_svd",
+                                  "apollo_random", "apollo_mini", "frugal_svd", "q_galore"])
 def test_fsdp_sharded_matches_unsharded_and_state_is_sharded(name):
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     params = _params()
@@ -45,14 +45,19 @@ def test_fsdp_sharded_matches_unsharded_and_state_is_sharded(name):
         g = make_grads(params, t)
         ps, ss = step_sharded(ps, ss, jax.device_put(g, p_sh))
         pu, su = step_plain(pu, su, g)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), ps, pu)
+    tol = NORMWISE_RTOL.get(name, 1e-6)  # quantized state: a reduction order can flip a code
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol), ps, pu)
 
-    low_rank = ss.inner_state[0]
-    moments = {k: getattr(low_rank.inner_state, k) for k in ("mu", "nu")}
-    for kind, tree in moments.items():
-        for key in ("w_in", "w_out"):
-            leaf = tree[key]
-            assert not leaf.sharding.is_fully_replicated, (kind, key, leaf.shape, leaf.sharding)
-            # Each device holds 1/8 of the moments.
-            shard = leaf.addressable_shards[0].data
-            assert shard.size * 8 == leaf.size, (kind, key, shard.shape)
+    # Every matrix-shaped piece of state of w_in / w_out (moments, float projectors, int8 codes)
+    # is spread over the 8 devices; only small vectors (keys, block scales, INT4 codes,
+    # counters) may be replicated.
+    checked = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(ss)[0]:
+        where = memjax.optim.labels.path_str(path)
+        if leaf.ndim != 2 or leaf.size < 64 or not any(k in where for k in ("w_in", "w_out")):
+            continue
+        assert not leaf.sharding.is_fully_replicated, (where, leaf.shape, leaf.sharding)
+        shard = leaf.addressable_shards[0].data
+        assert shard.size * 8 == leaf.size, (where, shard.shape)
+        checked += 1
+    assert checked >= 4  # at least two moments of each matrix

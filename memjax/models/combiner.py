@@ -25,16 +25,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.kernels.combiner.ops import MODES, combiner_attention
+from memjax.models.layers import head_kernel
 
 __all__ = ["CombinerAttention"]
 
-_INIT_STD = 0.02  # LLaMA / GaLore convention used across memjax.models
-
-
-def _head_kernel(rngs: nnx.Rngs, shape, names, param_dtype) -> nnx.Param:
-    """A N(0, 0.02) kernel carrying logical axis ``names`` (metadata only, no mesh needed)."""
-    init = nnx.with_partitioning(nnx.initializers.normal(_INIT_STD), names, eager_sharding=False)
-    return nnx.Param(init(rngs.params(), shape, param_dtype))
 
 
 class CombinerAttention(nnx.Module):
@@ -77,10 +71,10 @@ class CombinerAttention(nnx.Module):
         self.causal = causal
         self.dtype = dtype
         heads = (d_model, num_heads, self.head_dim)
-        self.q_proj = _head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.k_proj = _head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.v_proj = _head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.o_proj = _head_kernel(
+        self.q_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
+        self.k_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
+        self.v_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
+        self.o_proj = head_kernel(
             rngs, (num_heads, self.head_dim, d_model), ("heads", "kv", "embed"), param_dtype
         )
 

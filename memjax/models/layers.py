@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["DEFAULT_INIT_STD", "RMSNorm", "SwiGLU", "partitioned", "rope"]
+__all__ = ["DEFAULT_INIT_STD", "RMSNorm", "SwiGLU", "head_kernel", "partitioned", "rope"]
 
 DEFAULT_INIT_STD = 0.02  # LLaMA / GaLore: every linear and embedding ~ N(0, 0.02**2).
 
@@ -32,6 +32,16 @@ def partitioned(init: Any, names: Sequence[str | None]) -> Any:
     them later by name (``nnx.get_partition_spec`` + logical-axis rules).
     """
     return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+def head_kernel(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None],
+                param_dtype: Any = jnp.float32) -> nnx.Param:
+    """A N(0, 0.02^2) multi-head projection kernel carrying logical axis ``names``.
+
+    Shapes: ``(d_model, heads, head_dim)`` with names ``("embed", "heads", "kv")`` for q/k/v, or
+    ``(heads, head_dim, d_model)`` with ``("heads", "kv", "embed")`` for the output.
+    """
+    return nnx.Param(partitioned(_normal(), names)(rngs.params(), tuple(shape), param_dtype))
 
 
 def _normal(std: float = DEFAULT_INIT_STD) -> Any:

@@ -41,6 +41,7 @@ from memjax.kernels.linear_attention import (
     linear_attention,
     linear_attention_step,
 )
+from memjax.models.layers import partitioned
 
 __all__ = ["HedgehogFeatureMap", "LinearAttention", "LinearAttentionCache"]
 
@@ -60,11 +61,6 @@ class LinearAttentionCache(NamedTuple):
     k_sum: jax.Array | None
 
 
-def _partitioned(initializer, axes: tuple):
-    """Attach logical axis names; sharding is applied later from the names (no mesh needed here)."""
-    return nnx.with_partitioning(initializer, axes, eager_sharding=False)
-
-
 def _identity_per_head(key, shape, dtype=jnp.float32):
     """(heads, d, d) stack of identity matrices (``key`` unused)."""
     del key
@@ -78,7 +74,7 @@ class HedgehogFeatureMap(nnx.Module):
     """
 
     def __init__(self, num_heads: int, head_dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        init = _partitioned(_identity_per_head, ("heads", "kv", None))
+        init = partitioned(_identity_per_head, ("heads", "kv", None))
         self.weight = nnx.Param(init(rngs.params(), (num_heads, head_dim, head_dim), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -163,14 +159,14 @@ class LinearAttention(nnx.Module):
             return nnx.LinearGeneral(
                 d_model, (num_heads, head_dim), use_bias=False, dtype=dtype,
                 param_dtype=param_dtype, rngs=rngs,
-                kernel_init=_partitioned(nnx.initializers.lecun_normal(),
+                kernel_init=partitioned(nnx.initializers.lecun_normal(),
                                          ("embed", "heads", "kv")))
 
         self.q_proj, self.k_proj, self.v_proj = project_in(), project_in(), project_in()
         self.o_proj = nnx.LinearGeneral(
             (num_heads, head_dim), d_model, axis=(-2, -1), use_bias=False, dtype=dtype,
             param_dtype=param_dtype, rngs=rngs,
-            kernel_init=_partitioned(nnx.initializers.lecun_normal(), ("heads", "kv", "embed")))
+            kernel_init=partitioned(nnx.initializers.lecun_normal(), ("heads", "kv", "embed")))
         if feature_map == "hedgehog":
             self.q_feature = HedgehogFeatureMap(num_heads, head_dim, param_dtype=param_dtype,
                                                 rngs=rngs)
@@ -180,7 +176,7 @@ class LinearAttention(nnx.Module):
             self.q_feature = self.k_feature = None
         if output == "norm_gate":
             self.gate_proj = project_in()
-            self.norm_scale = nnx.Param(_partitioned(nnx.initializers.ones, ("heads", "kv"))(
+            self.norm_scale = nnx.Param(partitioned(nnx.initializers.ones, ("heads", "kv"))(
                 rngs.params(), (num_heads, head_dim), param_dtype))
         else:
             self.gate_proj = self.norm_scale = None

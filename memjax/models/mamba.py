@@ -32,7 +32,6 @@ arXiv 2312.00752 (2023). LightM-UNet (Liao et al. 2024, arXiv 2403.05246) for th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -41,6 +40,7 @@ from flax import nnx
 
 from memjax.kernels.selective_scan import selective_scan, selective_state_update
 from memjax.kernels.selective_scan.ops import DEFAULT_CHUNK_SIZE
+from memjax.models.layers import partitioned
 
 Array = jax.Array
 Initializer = nnx.Initializer
@@ -60,11 +60,6 @@ class MambaCache(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------------
 # Initialisers and small pure helpers.
-
-
-def _partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
-    """`init` annotated with logical axis `names`, recorded as metadata only (no eager sharding)."""
-    return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
 
 
 def a_log_init(key: Array, shape: tuple[int, int], dtype=jnp.float32) -> Array:
@@ -194,19 +189,19 @@ class Mamba(nnx.Module):
             d_model,
             2 * d_inner,
             use_bias=bias,
-            kernel_init=_partitioned(default_kernel, ("embed", "mlp")),
-            bias_init=_partitioned(nnx.initializers.zeros_init(), ("mlp",)),
+            kernel_init=partitioned(default_kernel, ("embed", "mlp")),
+            bias_init=partitioned(nnx.initializers.zeros_init(), ("mlp",)),
             **linear,
         )
         conv_scale = 1.0 / math.sqrt(d_conv)
         self.conv_weight = nnx.Param(
-            _partitioned(uniform_init(conv_scale), (None, "mlp"))(
+            partitioned(uniform_init(conv_scale), (None, "mlp"))(
                 rngs.params(), (d_conv, d_inner), param_dtype
             )
         )
         self.conv_bias = (
             nnx.Param(
-                _partitioned(uniform_init(conv_scale), ("mlp",))(rngs.params(), (d_inner,), param_dtype)
+                partitioned(uniform_init(conv_scale), ("mlp",))(rngs.params(), (d_inner,), param_dtype)
             )
             if conv_bias
             else None
@@ -215,33 +210,33 @@ class Mamba(nnx.Module):
             d_inner,
             dt_rank + 2 * d_state,
             use_bias=False,
-            kernel_init=_partitioned(default_kernel, ("mlp", None)),
+            kernel_init=partitioned(default_kernel, ("mlp", None)),
             **linear,
         )
         self.dt_proj = nnx.Linear(
             dt_rank,
             d_inner,
             use_bias=False,
-            kernel_init=_partitioned(uniform_init(dt_rank**-0.5), (None, "mlp")),
+            kernel_init=partitioned(uniform_init(dt_rank**-0.5), (None, "mlp")),
             **linear,
         )
         self.dt_bias = nnx.Param(
-            _partitioned(dt_bias_init(dt_min, dt_max, dt_init_floor), ("mlp",))(
+            partitioned(dt_bias_init(dt_min, dt_max, dt_init_floor), ("mlp",))(
                 rngs.params(), (d_inner,), param_dtype
             )
         )
         self.A_log = nnx.Param(
-            _partitioned(a_log_init, ("mlp", "state"))(rngs.params(), (d_inner, d_state), param_dtype)
+            partitioned(a_log_init, ("mlp", "state"))(rngs.params(), (d_inner, d_state), param_dtype)
         )
         self.D = nnx.Param(
-            _partitioned(nnx.initializers.ones_init(), ("mlp",))(rngs.params(), (d_inner,), param_dtype)
+            partitioned(nnx.initializers.ones_init(), ("mlp",))(rngs.params(), (d_inner,), param_dtype)
         )
         self.out_proj = nnx.Linear(
             d_inner,
             d_model,
             use_bias=bias,
-            kernel_init=_partitioned(default_kernel, ("mlp", "embed")),
-            bias_init=_partitioned(nnx.initializers.zeros_init(), ("embed",)),
+            kernel_init=partitioned(default_kernel, ("mlp", "embed")),
+            bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)),
             **linear,
         )
 
@@ -392,13 +387,13 @@ class ResidualVisionMamba(nnx.Module):
             channels,
             epsilon=epsilon,
             param_dtype=param_dtype,
-            scale_init=_partitioned(nnx.initializers.ones_init(), ("embed",)),
-            bias_init=_partitioned(nnx.initializers.zeros_init(), ("embed",)),
+            scale_init=partitioned(nnx.initializers.ones_init(), ("embed",)),
+            bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)),
             rngs=rngs,
         )
         self.mixer = BidirectionalMamba(channels, shared_weights=shared_weights, rngs=rngs, **mamba_kwargs)
         self.scale = nnx.Param(
-            _partitioned(nnx.initializers.constant(scale_init), ("embed",))(
+            partitioned(nnx.initializers.constant(scale_init), ("embed",))(
                 rngs.params(), (channels,), param_dtype
             )
         )

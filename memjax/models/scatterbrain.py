@@ -30,20 +30,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.kernels.scatterbrain.ops import gaussian_projection, lsh_rotations, scatterbrain_attention
+from memjax.models.layers import head_kernel
 
 __all__ = ["RandomFeatures", "ScatterbrainAttention"]
 
-_INIT_STD = 0.02  # LLaMA / GaLore convention used across memjax.models
 
 
 class RandomFeatures(nnx.Variable):
     """A non-trainable random draw (feature projection or LSH rotations)."""
-
-
-def _head_kernel(rngs: nnx.Rngs, shape, names, param_dtype) -> nnx.Param:
-    """A N(0, 0.02) kernel carrying logical axis ``names`` (metadata only, no mesh needed)."""
-    init = nnx.with_partitioning(nnx.initializers.normal(_INIT_STD), names, eager_sharding=False)
-    return nnx.Param(init(rngs.params(), shape, param_dtype))
 
 
 def _positive_or_none(name: str, value) -> None:
@@ -102,10 +96,10 @@ class ScatterbrainAttention(nnx.Module):
         self.causal = causal
         self.dtype = dtype
         heads = (d_model, num_heads, self.head_dim)
-        self.q_proj = _head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.k_proj = _head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.v_proj = _head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.o_proj = _head_kernel(
+        self.q_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
+        self.k_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
+        self.v_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
+        self.o_proj = head_kernel(
             rngs, (num_heads, self.head_dim, d_model), ("heads", "kv", "embed"), param_dtype
         )
         self.projection = RandomFeatures(

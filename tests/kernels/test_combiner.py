@@ -20,6 +20,7 @@ from memjax.kernels.combiner import (
     combiner_probabilities,
     combiner_regions,
 )
+from tests.kernels.helpers import max_intermediate_size
 
 COMBOS = [(mode, causal) for mode in MODES for causal in (True, False)]
 # (length, block_size): the default block with padding (7 -> 3, two padded slots), length 1, and a
@@ -193,25 +194,6 @@ def test_causal_output_depends_on_past_only(mode):
     assert (dep["v"][past] > 0).all(), "full attention: every past value reaches every output"
 
 
-def _max_intermediate_size(fn, *args) -> int:
-    """Largest array (in elements) produced by any equation of fn's jaxpr, sub-jaxprs included."""
-
-    def walk(jaxpr) -> int:
-        largest = 0
-        for eqn in jaxpr.eqns:
-            for var in eqn.outvars:
-                largest = max(largest, math.prod(getattr(var.aval, "shape", ())))
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (list, tuple)) else (param,):
-                    if hasattr(sub, "eqns"):
-                        largest = max(largest, walk(sub))
-                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                        largest = max(largest, walk(sub.jaxpr))
-        return largest
-
-    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
-
-
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("mode", MODES)
 def test_no_length_squared_intermediates(mode, causal):
@@ -222,7 +204,7 @@ def test_no_length_squared_intermediates(mode, causal):
         return combiner_attention(q, k, v, mode=mode, causal=causal).sum()
 
     grad_fn = jax.value_and_grad(loss, argnums=(0, 1, 2))
-    assert _max_intermediate_size(grad_fn, q, k, v) < length * length // 4
+    assert max_intermediate_size(grad_fn, q, k, v) < length * length // 4
 
 
 @pytest.mark.parametrize(

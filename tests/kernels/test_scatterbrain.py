@@ -22,6 +22,7 @@ from memjax.kernels.scatterbrain import (
     scatterbrain_unnormalized,
     support_mask,
 )
+from tests.kernels.helpers import max_intermediate_size
 
 DIM, FEATURES, BUCKETS = 4, 16, 4
 CAUSAL = (True, False)
@@ -360,25 +361,6 @@ def test_causal_output_depends_on_past_only():
     # the module tests
 
 
-def _max_intermediate_size(fn, *args) -> int:
-    """Largest array (in elements) produced by any equation of fn's jaxpr, sub-jaxprs included."""
-
-    def walk(jaxpr) -> int:
-        largest = 0
-        for eqn in jaxpr.eqns:
-            for var in eqn.outvars:
-                largest = max(largest, math.prod(getattr(var.aval, "shape", ())))
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (list, tuple)) else (param,):
-                    if hasattr(sub, "eqns"):
-                        largest = max(largest, walk(sub))
-                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                        largest = max(largest, walk(sub.jaxpr))
-        return largest
-
-    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_no_length_squared_intermediates(causal):
     """Window 16, 8 LSH keys per side, 4 features: every array is O(L) (at most ~L * 128 elements,
@@ -398,7 +380,7 @@ def test_no_length_squared_intermediates(causal):
             return out.sum()
 
         grad_fn = jax.value_and_grad(loss, argnums=(0, 1, 2))
-        return _max_intermediate_size(grad_fn, q, k, v, projection, rotations)
+        return max_intermediate_size(grad_fn, q, k, v, projection, rotations)
 
     small, big = largest(1024), largest(2048)
     assert small < 1024 * 1024 // 4

@@ -6,7 +6,7 @@ checkpointing and logging. Named experiments live in ``experiments/configs/<name
 constant ``CONFIG``; ``python -m experiments.train --config <name> --model.d-model 128`` overrides any
 field.
 
-Adding a memjax recipe (fira, apollo, frugal, q_galore, mezo) means: add its name to
+Adding a memjax recipe means: add its name to
 :data:`OptimizerName`, any new hyperparameter to :class:`OptimizerConfig`, and one builder to
 ``experiments.optimizers.RECIPES``.
 """
@@ -17,11 +17,17 @@ import dataclasses
 import json
 from typing import Any, Literal
 
-OptimizerName = Literal["adamw", "galore"]
+OptimizerName = Literal["adamw", "galore", "fira", "apollo", "apollo_mini", "frugal", "q_galore",
+                        "mezo"]
 ProjectorName = Literal["svd", "dct", "random"]
+SubspaceName = Literal["svd", "random", "columns", "rows", "block"]
+BlockOrder = Literal["random", "ascending", "descending", "mirror"]
+StateFreeRule = Literal["sign", "sgd", "none"]
+ScaleType = Literal["channel", "tensor"]
+ProjBits = Literal[4, 8]
 ProjType = Literal["std", "reverse_std", "left", "right", "min_state"]
 RefreshMode = Literal["synchronous", "staggered"]
-DataSourceName = Literal["stdlib", "text", "tokens", "selective_copy", "mqar"]
+DataSourceName = Literal["stdlib", "text", "tokens", "selective_copy", "mqar", "hf"]
 
 
 class ConfigError(ValueError):
@@ -54,14 +60,30 @@ class ModelConfig:
     """Parameter dtype."""
 
 
+# Authors' defaults of the fields that differ between recipes (``None`` in OptimizerConfig).
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "scale": {"apollo": 1.0, "apollo_mini": 128.0, "default": 0.25},
+    "projector": {"apollo": "random", "apollo_mini": "random", "default": "svd"},
+    "scale_type": {"apollo_mini": "tensor", "default": "channel"},
+}
+LOW_RANK_RECIPES = ("galore", "fira", "apollo", "q_galore")
+"""Recipes with a projection ``rank`` (apollo_mini is rank 1, frugal uses ``density``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """One optimizer, chosen by ``name``; recipe fields a recipe does not use are ignored."""
+    """One optimizer, chosen by ``name``; recipe fields a recipe does not use are ignored.
+
+    Fields whose authors' default differs between recipes (``scale``, ``projector``,
+    ``scale_type``) default to ``None``, read as that default (:meth:`resolved`).
+    """
 
     name: OptimizerName = "adamw"
-    """Recipe: adamw (optax) or galore (memjax.optim.galore)."""
+    """Recipe: adamw (optax) or a memjax.optim recipe: galore, fira, apollo, apollo_mini, frugal,
+    q_galore, mezo (zeroth order: forward passes only)."""
     label: str = ""
-    """Display name and run sub-directory; default: the name (plus the projector for galore)."""
+    """Display name and run sub-directory; default: the name, plus the projector for galore, fira
+    and apollo (galore-svd) and the subspace for frugal (frugal-block)."""
     learning_rate: float = 2e-3
     """Peak learning rate of the warmup + cosine schedule."""
     weight_decay: float = 0.0
@@ -71,26 +93,84 @@ class OptimizerConfig:
     b2: float = 0.999
     """Adam beta2."""
     eps: float = 1e-6
-    """Adam epsilon (1e-6 as in the GaLore authors' code, for every recipe)."""
+    """Adam epsilon (1e-6 as in the GaLore authors' code, for every recipe; FRUGAL's is 1e-8)."""
     rank: int = 16
-    """Low-rank recipes: projection rank r."""
+    """Low-rank recipes (galore, fira, apollo, q_galore): projection rank r; apollo_mini is rank 1."""
     update_proj_gap: int = 50
-    """Low-rank recipes: projector refresh period T (steps)."""
-    scale: float = 0.25
-    """Low-rank recipes: scale (alpha) of the back-projected update."""
-    projector: ProjectorName = "svd"
-    """Low-rank recipes: svd (GaLore), dct (SVD-free) or random (seed-only state)."""
+    """Low-rank recipes and frugal: projector (subspace, active block) refresh period T (steps)."""
+    scale: float | None = None
+    """Low-rank recipes: scale (alpha) of the update; default 0.25 (galore, fira, q_galore), 1
+    (apollo) or 128 (apollo_mini); apollo multiplies by sqrt(scale)."""
+    projector: ProjectorName | None = None
+    """galore, fira, apollo(_mini): svd (GaLore), dct (SVD-free) or random (seed-only state);
+    default svd, random for apollo and apollo_mini."""
     proj_type: ProjType = "std"
     """Low-rank recipes: which side is projected."""
     refresh: RefreshMode = "synchronous"
     """Low-rank recipes: refresh every matrix at once or staggered across steps."""
+    gamma: float = 1.01
+    """fira, apollo(_mini): norm-growth limiter threshold (an update's norm grows at most by this
+    factor per step)."""
+    paper_form: bool = False
+    """fira: residual G - up(R) (paper) instead of G - scale * up(R) (authors' code)."""
+    scale_type: ScaleType | None = None
+    """apollo(_mini): channel- or tensor-wise scaling factors; default channel (apollo), tensor
+    (apollo_mini)."""
+    scale_front: bool = False
+    """apollo(_mini): multiply by sqrt(scale) before the limiter instead of after."""
+    limiter: bool = True
+    """apollo(_mini): apply the norm-growth limiter (authors: disable_nl=False)."""
+    density: float = 0.25
+    """frugal: state-full fraction of each matrix (of the matrices, for subspace block), in (0, 1]."""
+    subspace: SubspaceName = "svd"
+    """frugal: state-full subspace: svd, random (orthonormal), columns, rows, or block (whole
+    stacked matrices, BAdam-like)."""
+    order: BlockOrder = "descending"
+    """frugal block: order in which the matrices become active (authors' block_order)."""
+    state_free: StateFreeRule = "sign"
+    """frugal: optimizer outside the subspace: sign (signSGD), sgd, or none (GaLore-like)."""
+    state_free_lr: float = 1.0
+    """frugal: state-free learning rate as a multiple of the schedule (authors' inactive_lr_scale)."""
+    reset_state_on_refresh: bool = True
+    """frugal: zero the Adam state at every subspace change (authors' reset_statistics; required
+    for block)."""
+    proj_bits: ProjBits = 4
+    """q_galore: bits of the quantized projector."""
+    proj_group_size: int = 256
+    """q_galore: quantization group size of the projector."""
+    queue_size: int = 5
+    """q_galore: cosine similarities averaged by the lazy refresh."""
+    cos_threshold: float = 0.4
+    """q_galore: mean cosine similarity from which a layer's refresh gap grows."""
+    gamma_proj: int = 2
+    """q_galore: factor by which a stable layer's refresh gap grows."""
+    lazy: bool = True
+    """q_galore: layer-adaptive lazy refresh (off: refresh every update_proj_gap steps)."""
+    block_size: int = 256
+    """q_galore: block size of the 8-bit Adam moments."""
+    min_8bit_size: int = 4096
+    """q_galore: state leaves with fewer entries keep float32 moments."""
+    zo_eps: float = 1e-3
+    """mezo: SPSA perturbation scale eps (MeZO: 1e-3)."""
+    zo_samples: int = 1
+    """mezo: SPSA samples n per step (n-SPSA); each costs two forward passes."""
+
+    def resolved(self, field: str) -> Any:
+        """``field``'s value, or this recipe's authors' default when it is ``None``."""
+        value = getattr(self, field)
+        if value is not None or field not in RECIPE_DEFAULTS:
+            return value
+        defaults = RECIPE_DEFAULTS[field]
+        return defaults.get(self.name, defaults["default"])
 
     @property
     def display_name(self) -> str:
         if self.label:
             return self.label
-        if self.name == "galore":
-            return f"galore-{self.projector}"
+        if self.name in ("galore", "fira", "apollo"):
+            return f"{self.name}-{self.resolved('projector')}"
+        if self.name == "frugal":
+            return f"frugal-{self.subspace}"
         return self.name
 
 
@@ -100,9 +180,19 @@ class DataConfig:
 
     source: DataSourceName = "stdlib"
     """stdlib (bytes of Python's own sources + pydoc topics) | text (paths, bytes) | tokens (paths,
-    .npy / .bin) | selective_copy | mqar (synthetic, from the seed)."""
+    .npy / .bin) | selective_copy | mqar (synthetic, from the seed) | hf (a Hugging Face dataset's
+    text as bytes; needs ``pip install datasets``)."""
     paths: tuple[str, ...] = ()
-    """Files of the text / tokens sources."""
+    """Files of the text / tokens sources; for hf, the data_files of a packaged builder (json, csv)."""
+    hf_path: str = ""
+    """hf: a Hub dataset name, a packaged builder (json, csv, text, parquet) or a local directory
+    (one written by save_to_disk included)."""
+    hf_name: str = ""
+    """hf: the dataset's configuration name; empty: its default."""
+    hf_split: str = "train"
+    """hf: the split read (then cut into train / validation by val_fraction)."""
+    hf_column: str = "text"
+    """hf: the text column."""
     token_dtype: str = "uint16"
     """dtype of raw .bin token files."""
     seq_len: int = 128
@@ -279,6 +369,7 @@ def validate(config: Config) -> None:
          "checkpoint.every must be >= 0 and checkpoint.max_to_keep >= 1"),
         (config.log.log_every >= 1, f"log.log_every={config.log.log_every} must be >= 1"),
         (d.source not in ("text", "tokens") or d.paths, f"data.source={d.source!r} needs data.paths"),
+        (d.source != "hf" or d.hf_path, "data.source='hf' needs data.hf_path"),
     ]
     for ok, message in checks:
         if not ok:
@@ -296,7 +387,12 @@ def validate(config: Config) -> None:
     for o in config.optimizers:
         if o.learning_rate <= 0:
             raise ConfigError(f"optimizer {o.display_name}: learning_rate must be > 0")
-        if o.name != "adamw" and o.rank >= min(config.model.d_model, config.model.ffn_dim):
+        if o.name == "mezo" and not (o.zo_eps > 0 and o.zo_samples >= 1):
+            raise ConfigError(f"optimizer {o.display_name}: zo_eps={o.zo_eps} must be > 0 and "
+                              f"zo_samples={o.zo_samples} >= 1")
+        if o.name == "frugal" and not 0 < o.density <= 1:
+            raise ConfigError(f"optimizer {o.display_name}: density={o.density} must be in (0, 1]")
+        if o.name in LOW_RANK_RECIPES and o.rank >= min(config.model.d_model, config.model.ffn_dim):
             raise ConfigError(
                 f"optimizer {o.display_name}: rank={o.rank} must be smaller than "
                 f"min(model.d_model, model.ffn_dim)={min(config.model.d_model, config.model.ffn_dim)}")

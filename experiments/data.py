@@ -9,6 +9,10 @@ Sources (``DataConfig.source``):
 * ``"text"``: user text files read as bytes; the last ``val_fraction`` of the bytes is validation.
 * ``"tokens"``: pre-tokenised ``.npy`` arrays or raw ``.bin`` files (``token_dtype``, e.g. uint16 as
   written by nanoGPT); the last ``val_fraction`` of the tokens is validation.
+* ``"hf"``: the text column of a Hugging Face dataset (``hf_path``, ``hf_name``, ``hf_split``,
+  ``hf_column``; ``paths`` are the data files of a packaged builder such as ``"json"``) as bytes,
+  documents joined by newlines (:mod:`experiments.hf_data`, needs ``datasets``); the last
+  ``val_fraction`` of the bytes is validation.
 * ``"selective_copy"`` (Gu and Dao 2023, arXiv 2312.00752, Sec. 3.1) and ``"mqar"``
   (multi-query associative recall; Arora et al. 2023, arXiv 2312.04927): generated from the seed;
   the loss mask covers only the answer tokens.
@@ -127,7 +131,7 @@ def split_documents(docs: Sequence[bytes], val_fraction: float) -> Corpus:
     period = max(2, round(1 / val_fraction))
     train = [d for i, d in enumerate(docs) if (i + 1) % period]
     val = [d for i, d in enumerate(docs) if not (i + 1) % period]
-    as_array = lambda ds: np.frombuffer(b"\n".join(ds), dtype=np.uint8)  # noqa: E731
+    as_array = lambda ds: np.frombuffer(b"\n".join(ds), dtype=np.uint8)
     return Corpus(as_array(train), as_array(val))
 
 
@@ -154,6 +158,19 @@ def read_token_files(paths: Sequence[str], bin_dtype: str) -> np.ndarray:
     if not np.issubdtype(tokens.dtype, np.integer):
         raise ConfigError(f"token files must hold integers, got {tokens.dtype}")
     return tokens
+
+
+def read_hf_dataset(cfg: DataConfig) -> np.ndarray:
+    """The ``cfg.hf_column`` text of a Hugging Face dataset as uint8 bytes (see :mod:`experiments.hf_data`)."""
+    from experiments import hf_data
+
+    if not cfg.hf_path:
+        raise ConfigError("data.source='hf' needs data.hf_path")
+    try:
+        return hf_data.load_hf_bytes(cfg.hf_path, cfg.hf_name or None, cfg.hf_split, cfg.hf_column,
+                                     data_files=cfg.paths or None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"data (hf_path={cfg.hf_path!r}): {e}") from e
 
 
 def fingerprint(*arrays: np.ndarray) -> str:
@@ -308,6 +325,9 @@ def make_source(cfg: DataConfig, *, vocab_size: int, num_val_batches: int, seed:
     """
     if cfg.source in ("selective_copy", "mqar"):
         return synthetic_source(cfg, vocab_size, num_val_batches, seed)
+    if cfg.source == "hf":
+        return corpus_source("hf", split_tail(read_hf_dataset(cfg), cfg.val_fraction), cfg,
+                             num_val_batches)
     missing = [p for p in cfg.paths if not pathlib.Path(p).is_file()]
     if missing:
         raise ConfigError(f"data.paths: no such file {missing[0]!r}")

@@ -2,18 +2,22 @@
 
 Every optimizer is ``skip_nonfinite(chain(clip_by_global_norm, recipe(schedule)))``: a step with a
 non-finite gradient changes neither the parameters nor the state. A recipe is one function in
-:data:`RECIPES` from ``(OptimizerConfig, schedule)`` to an optax transform; plug in a memjax recipe
-(fira, apollo, frugal, q_galore, mezo) by adding a function and its name to
+:data:`RECIPES` from ``(OptimizerConfig, schedule)`` to an optax transform: adamw (optax) and the
+memjax recipes galore, fira, apollo, apollo_mini, frugal and q_galore with their authors' parameter
+names. Plug in another (e.g. mezo) by adding a function here and its name to
 :data:`experiments.config.OptimizerName`.
 
 Parameters of the decoder LM carry a leading ``"layers"`` axis on the stacked blocks, so the
 low-rank recipes see each block's matrix as its own ``(d, f)`` matrix (one batch axis); the
-embedding, the head and the norms keep the full inner optimizer.
+embedding, the head and the norms keep the full inner optimizer. FRUGAL's ``subspace="block"``
+treats each stacked leaf (one projection of every layer, e.g. all ``mlp.up`` kernels) as one
+block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import optax
 
@@ -40,21 +44,88 @@ def adamw(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformat
     return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+def _adam(cfg: OptimizerConfig) -> dict:
+    return {"b1": cfg.b1, "b2": cfg.b2, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+
+
+def _low_rank(cfg: OptimizerConfig, rank: int) -> dict:
+    """Arguments shared by the projected recipes (the step skip is :func:`build`'s)."""
+    return dict(rank=rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.resolved("scale"),
+                proj_type=cfg.proj_type, labels=low_rank_labels(rank), refresh=cfg.refresh,
+                skip_nonfinite=False, **_adam(cfg))
+
+
 def galore(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
-    return memjax.optim.galore(
-        lr, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
-        proj_type=cfg.proj_type, projector=cfg.projector, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, labels=low_rank_labels(cfg.rank), refresh=cfg.refresh,
-        skip_nonfinite=False)
+    return memjax.optim.galore(lr, projector=cfg.resolved("projector"), **_low_rank(cfg, cfg.rank))
 
 
-RECIPES: dict[str, Recipe] = {"adamw": adamw, "galore": galore}
+def fira(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    return memjax.optim.fira(lr, projector=cfg.resolved("projector"), gamma=cfg.gamma,
+                             paper_form=cfg.paper_form, **_low_rank(cfg, cfg.rank))
 
 
-def build(cfg: OptimizerConfig,
-          schedule: ScheduleConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The full optimizer of ``cfg`` and its learning-rate schedule (for logging)."""
+def _apollo(cfg: OptimizerConfig) -> dict:
+    return {"projector": cfg.resolved("projector"), "scale_type": cfg.resolved("scale_type"),
+            "scale_front": cfg.scale_front, "limiter": cfg.limiter, "gamma": cfg.gamma}
+
+
+def apollo(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    return memjax.optim.apollo(lr, **_apollo(cfg), **_low_rank(cfg, cfg.rank))
+
+
+def apollo_mini(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    """APOLLO-Mini is rank 1 by definition: ``cfg.rank`` is not used."""
+    return memjax.optim.apollo_mini(lr, **_apollo(cfg), **_low_rank(cfg, 1))
+
+
+def frugal(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    """Every stacked matrix is state-full in part (``density``): labels of rank 1."""
+    return memjax.optim.frugal(
+        lr, density=cfg.density, subspace=cfg.subspace, order=cfg.order,
+        state_free=cfg.state_free, state_free_lr=cfg.state_free_lr,
+        update_proj_gap=cfg.update_proj_gap, reset_state_on_refresh=cfg.reset_state_on_refresh,
+        labels=low_rank_labels(1), skip_nonfinite=False, **_adam(cfg))
+
+
+def q_galore(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    return memjax.optim.q_galore(
+        lr, proj_bits=cfg.proj_bits, proj_group_size=cfg.proj_group_size,
+        queue_size=cfg.queue_size, cos_threshold=cfg.cos_threshold, gamma_proj=cfg.gamma_proj,
+        block_size=cfg.block_size, lazy=cfg.lazy, min_8bit_size=cfg.min_8bit_size,
+        **_low_rank(cfg, cfg.rank))
+
+
+RECIPES: dict[str, Recipe] = {
+    "adamw": adamw, "galore": galore, "fira": fira, "apollo": apollo, "apollo_mini": apollo_mini,
+    "frugal": frugal, "q_galore": q_galore}
+
+
+def stacked_layer_axes(path: str, leaf) -> int:
+    """Zeroth-order noise keys: the decoder's stacked blocks have one leading layer axis."""
+    del leaf
+    return 1 if path.startswith("blocks/") else 0
+
+
+def mezo(cfg: OptimizerConfig, lr: optax.Schedule) -> memjax.optim.ZerothOrderTransformation:
+    """MeZO with the perturbation applied inside the model's scan body (``at_use``).
+
+    Not an optax transform: the trainer runs ``tx.step(loss, ...)``, forward passes only. Gradient
+    clipping and the non-finite guard do not apply (a step with a non-finite loss is skipped by
+    :func:`memjax.optim.mezo` itself).
+    """
+    return memjax.optim.mezo(lr, eps=cfg.zo_eps, n=cfg.zo_samples, weight_decay=cfg.weight_decay,
+                             stacked_axes=stacked_layer_axes, at_use=True)
+
+
+def build(cfg: OptimizerConfig, schedule: ScheduleConfig) -> tuple[Any, optax.Schedule]:
+    """The full optimizer of ``cfg`` and its learning-rate schedule (for logging).
+
+    An optax transform (``skip_nonfinite(chain(clip, recipe))``), or for ``mezo`` a
+    :class:`memjax.optim.ZerothOrderTransformation`.
+    """
     lr = warmup_cosine(cfg.learning_rate, schedule)
+    if cfg.name == "mezo":
+        return mezo(cfg, lr), lr
     parts = [optax.clip_by_global_norm(schedule.clip_norm)] if schedule.clip_norm > 0 else []
     parts.append(RECIPES[cfg.name](cfg, lr))
     return memjax.optim.skip_nonfinite(optax.chain(*parts)), lr

@@ -8,6 +8,11 @@ graph traversal happens per step. One step::
     updates, opt_state = tx.update(grads, opt_state, params)       # clip -> recipe, skip if non-finite
     params = params + updates
 
+With a zeroth-order optimizer (:class:`memjax.optim.ZerothOrderTransformation`, e.g.
+:func:`memjax.optim.mezo`) the step is ``tx.step(loss, params, opt_state, batch)`` instead: two
+perturbed forward passes per SPSA sample, the perturbation applied to each layer inside the
+model's scan body (``param_hook``), and no backward pass compiled.
+
 is compiled once with explicit in/out shardings (parameters by logical axis names, optimizer state
 following them, batches over ``(data, fsdp)``) and the state donated.
 """
@@ -104,7 +109,7 @@ def _compiled_memory(compiled: Any) -> memjax.optim.CompiledMemory:
         generated_code=int(a.generated_code_size_in_bytes))
 
 
-def build(lm_config: LMConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
           mesh: jax.sharding.Mesh, rules: tuple, seed: int, micro_batch: int, grad_accum: int,
           seq_len: int) -> Trainer:
     """Shardings and compiled init / step / eval of one run (nothing is allocated but the init)."""
@@ -137,10 +142,27 @@ def build(lm_config: LMConfig, tx: optax.GradientTransformation, schedule: optax
                    "lr": schedule(state.step), "skipped": opt_state.skipped}
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
+    def zo_loss(params, batch: Batch, noise):  # the loss at params + noise, perturbed at use
+        hook = memjax.optim.zeroth_order.param_hook(noise)
+        return jnp.mean(jax.lax.map(
+            lambda mb: next_token_loss(nnx.merge(graphdef, params), mb.tokens, mb.mask,
+                                       param_hook=hook), batch))
+
+    def zo_step(state: TrainState, batch: Batch):  # forward passes only: no backward is compiled
+        params, opt_state, info = tx.step(zo_loss, state.params, state.opt_state, batch)
+        params = jax.lax.with_sharding_constraint(params, param_sh)
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        metrics = {"loss": info.loss, "grad_norm": jnp.mean(jnp.abs(info.scalars)),
+                   "lr": schedule(state.step), "skipped": info.skipped}
+        return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+    if isinstance(tx, memjax.optim.ZerothOrderTransformation):
+        train_step = zo_step
+
     def eval_loss(params, batch: Batch):
         return jnp.mean(jax.lax.map(lambda mb: loss_fn(params, mb.tokens, mb.mask), batch))
 
-    spec = lambda *shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    spec = lambda *shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     abstract_batch = Batch(spec(grad_accum, micro_batch, seq_len, dtype=jnp.int32),
                            spec(grad_accum, micro_batch, seq_len - 1, dtype=jnp.float32))
     batch_sh = Batch(sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 3))

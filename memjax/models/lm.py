@@ -41,7 +41,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -262,6 +262,18 @@ def stack_layers(make_layer: Any, num_layers: int, key: jax.Array) -> nnx.Module
     return nnx.merge(graphdef, state)
 
 
+ParamHook = Callable[[str, Any, Any], Any]
+"""``(name, param_state, layer_index_or_None) -> param_state``; see :meth:`LM.__call__`."""
+
+
+def _hooked(module: Any, name: str, param_hook: ParamHook | None) -> Any:
+    """``module`` with its ``nnx.Param`` state passed through ``param_hook`` (a new module)."""
+    if param_hook is None:
+        return module
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return nnx.merge(graphdef, param_hook(name, params, None), rest)
+
+
 def _remat(body: Any, policy: str) -> Any:
     if policy == "none":
         return body
@@ -308,25 +320,42 @@ class LM(nnx.Module):
 
     # -- training form
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """(B, L) int tokens -> (B, L, vocab_size) float32 logits."""
+    def __call__(self, tokens: jax.Array, *, param_hook: ParamHook | None = None) -> jax.Array:
+        """(B, L) int tokens -> (B, L, vocab_size) float32 logits.
+
+        ``param_hook(name, params, layer) -> params``, if given, transforms the ``nnx.Param`` state
+        of each part just before it is used: ``("embed", state, None)``, then for every layer
+        ``("blocks", layer_state, l)`` inside the scan body (``layer_state`` is layer ``l``'s slice,
+        without the stacked axis, ``l`` an int32 scalar), then ``("final_norm", state, None)`` and
+        ``("lm_head", state, None)``. Zeroth-order training uses it to perturb each layer where it
+        is used (:mod:`memjax.optim.zeroth_order`), so no perturbed copy of the stack is built.
+        """
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be (batch, length) integers, got {tokens.shape} {tokens.dtype}")
         if tokens.shape[1] > self.config.max_length:
             raise ValueError(
                 f"sequence length {tokens.shape[1]} exceeds max_length={self.config.max_length}"
             )
-        graphdef, state = nnx.split(self.blocks)
+        embed = _hooked(self.embed, "embed", param_hook)
+        graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
 
-        def body(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x), None
+        def body(x, layer):
+            layer_params, layer_rest, index = layer
+            if param_hook is not None:
+                layer_params = param_hook("blocks", layer_params, index)
+            return nnx.merge(graphdef, layer_params, layer_rest)(x), None
 
-        x, _ = jax.lax.scan(_remat(body, self.config.remat), self.embed(tokens), state)
-        return self._logits(x)
+        layers = (params, rest, jnp.arange(self.config.num_layers, dtype=jnp.int32))
+        x, _ = jax.lax.scan(_remat(body, self.config.remat), embed(tokens), layers)
+        return self._logits(x, embed, param_hook)
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        h = self.final_norm(x)
-        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+    def _logits(self, x: jax.Array, embed: nnx.Embed | None = None,
+                param_hook: ParamHook | None = None) -> jax.Array:
+        h = _hooked(self.final_norm, "final_norm", param_hook)(x)
+        if self.lm_head is None:
+            logits = (embed if embed is not None else self.embed).attend(h)
+        else:
+            logits = _hooked(self.lm_head, "lm_head", param_hook)(h)
         return logits.astype(jnp.float32)
 
     # -- decode form
@@ -385,18 +414,20 @@ class LM(nnx.Module):
 # ----------------------------------------------------------------------------- helpers
 
 
-def next_token_loss(model: LM, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def next_token_loss(model: LM, tokens: jax.Array, mask: jax.Array | None = None, *,
+                    param_hook: ParamHook | None = None) -> jax.Array:
     """Mean cross-entropy of predicting ``tokens[:, 1:]`` from the prefixes.
 
     Args:
       model: an :class:`LM`.
       tokens: (B, L) int.
       mask: optional (B, L - 1) weights of the targets ``tokens[:, 1:]`` (e.g. 0 on padding).
+      param_hook: passed to :meth:`LM.__call__`.
 
     Returns:
       a float32 scalar.
     """
-    logits = model(tokens)[:, :-1]  # full length in, so mixers with length constraints see L
+    logits = model(tokens, param_hook=param_hook)[:, :-1]  # full length in, so mixers with length constraints see L
     targets = tokens[:, 1:]
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

@@ -2,12 +2,15 @@
 
 Recipes (complete optimizers, like ``optax.adamw``):
   :func:`galore`, :func:`fira`, :func:`apollo`, :func:`apollo_mini`, :func:`frugal`,
-  :func:`q_galore`
+  :func:`q_galore`, :func:`mezo` (zeroth order), :func:`mezo_shared_seed` (zeroth order over a
+  data axis, one byte per worker per step)
 
 Building blocks:
   :func:`scale_by_low_rank` (the projected transform), :mod:`projectors`, :mod:`residual`,
   :mod:`limiter` (Fira's norm-growth limiter), :mod:`quantization` (:func:`scale_by_adam_8bit`,
-  INT4 projectors), :func:`scale_by_hf_adam`, :func:`skip_nonfinite`,
+  INT4 projectors), :mod:`zeroth_order` (:func:`spsa_estimate`, :func:`spsa_update`),
+  :mod:`shared_seed` (:class:`OneByteCodec`, :class:`ReplayLog`, :func:`replay`),
+  :func:`scale_by_hf_adam`, :func:`skip_nonfinite`,
   :func:`add_decayed_weights_after_step`,
   :func:`label_matrices` / :class:`MatrixDims` (which leaves are matrices).
 
@@ -15,15 +18,36 @@ Accounting:
   :func:`state_bytes`, :func:`compiled_memory`.
 """
 
-from memjax.optim import limiter, projectors, quantization, residual
+from memjax.optim import (
+    limiter,
+    projectors,
+    quantization,
+    residual,
+    shared_seed,
+    zeroth_order,
+)
 from memjax.optim.accounting import CompiledMemory, compiled_memory, state_bytes
 from memjax.optim.adam import ScaleByHFAdamState, scale_by_hf_adam
 from memjax.optim.aliases import apollo, apollo_mini, fira, frugal, galore, q_galore
 from memjax.optim.guards import SkipNonFiniteState, all_finite, skip_nonfinite
-from memjax.optim.labels import DEFAULT_EXCLUDE, MatrixDims, label_matrices, resolve_labels
-from memjax.optim.limiter import NormGrowthState, limit_norm_growth, scale_by_norm_growth_limit
+from memjax.optim.labels import (
+    DEFAULT_EXCLUDE,
+    MatrixDims,
+    label_matrices,
+    resolve_labels,
+)
+from memjax.optim.limiter import (
+    NormGrowthState,
+    limit_norm_growth,
+    scale_by_norm_growth_limit,
+)
 from memjax.optim.low_rank import LowRankState, scale_by_low_rank
-from memjax.optim.projectors import Projector, canonicalize_signs, dct_basis, make_projector
+from memjax.optim.projectors import (
+    Projector,
+    canonicalize_signs,
+    dct_basis,
+    make_projector,
+)
 from memjax.optim.quantization import (
     QuantizedProjectorState,
     ScaleByAdam8bitState,
@@ -35,20 +59,34 @@ from memjax.optim.quantization import (
 )
 from memjax.optim.residual import ResidualPolicy
 from memjax.optim.sharding import state_shardings
+from memjax.optim.shared_seed import OneByteCodec, ReplayLog, mezo_shared_seed, replay
 from memjax.optim.weight_decay import add_decayed_weights_after_step
+from memjax.optim.zeroth_order import (
+    Noise,
+    ZerothOrderState,
+    ZerothOrderTransformation,
+    mezo,
+    spsa_estimate,
+    spsa_update,
+)
 
 __all__ = [
-    "CompiledMemory",
     "DEFAULT_EXCLUDE",
+    "CompiledMemory",
     "LowRankState",
     "MatrixDims",
+    "Noise",
     "NormGrowthState",
+    "OneByteCodec",
     "Projector",
     "QuantizedProjectorState",
+    "ReplayLog",
     "ResidualPolicy",
     "ScaleByAdam8bitState",
     "ScaleByHFAdamState",
     "SkipNonFiniteState",
+    "ZerothOrderState",
+    "ZerothOrderTransformation",
     "add_decayed_weights_after_step",
     "all_finite",
     "apollo",
@@ -64,19 +102,26 @@ __all__ = [
     "limit_norm_growth",
     "limiter",
     "make_projector",
+    "mezo",
+    "mezo_shared_seed",
     "projectors",
     "q_galore",
     "quantization",
     "quantize_blockwise",
     "quantized_svd_projector",
+    "replay",
     "residual",
     "resolve_labels",
     "scale_by_adam_8bit",
     "scale_by_hf_adam",
     "scale_by_low_rank",
     "scale_by_norm_growth_limit",
+    "shared_seed",
     "skip_nonfinite",
+    "spsa_estimate",
+    "spsa_update",
     "state_bytes",
     "state_shardings",
     "svd_counts",
+    "zeroth_order",
 ]

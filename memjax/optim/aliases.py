@@ -25,6 +25,7 @@ For ``optax.inject_hyperparams`` pass the arguments that fix shapes or schedules
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -366,53 +367,6 @@ ORDERS = ("random", "ascending", "descending", "mirror")
 STATE_FREE = ("sign", "sgd", "none")
 
 
-def _orthogonal_projector(m: int, n: int, rank: int, side: str, dtype) -> proj_lib.Projector:
-    """FRUGAL's random subspace: orthonormal ``P`` (QR of a Gaussian) regenerated from a key.
-
-    Like the ``"random"`` projector only the key is stored, but ``P^T P = I`` on the subspace, so
-    ``up(down(G))`` is an orthogonal projection and ``G - up(down(G))`` its complement.
-    """
-    size = m if side == "left" else n
-
-    def matrix(key_data):
-        g = jax.random.normal(jax.random.wrap_key_data(key_data), (size, rank), jnp.float32)
-        q = jnp.linalg.qr(g)[0].astype(dtype)  # (size, rank), orthonormal columns
-        return q if side == "left" else q.T
-
-    def refresh(g, key_data, key):
-        del g, key_data
-        return jax.random.key_data(key)
-
-    return proj_lib.Projector(
-        jax.random.key_data, refresh,
-        lambda g, s: matrix(s).T @ g if side == "left" else g @ matrix(s).T,
-        lambda low, s: matrix(s) @ low if side == "left" else low @ matrix(s),
-        (rank, n) if side == "left" else (m, rank))
-
-
-def _coordinate_projector(m: int, n: int, rank: int, side: str, dtype) -> proj_lib.Projector:
-    """FRUGAL's coordinate subspace: ``rank`` random rows (left) or columns (right).
-
-    The state is ``rank`` sorted int32 indices; ``down`` gathers them, ``up`` scatters into zeros.
-    """
-    del dtype
-    size = m if side == "left" else n
-
-    def refresh(g, idx, key):
-        del g, idx
-        return jnp.sort(jax.random.permutation(key, size)[:rank]).astype(jnp.int32)
-
-    def down(g, idx):
-        return g[idx, :] if side == "left" else g[:, idx]
-
-    def up(low, idx):
-        full = jnp.zeros((m, n), low.dtype)
-        return full.at[idx, :].set(low) if side == "left" else full.at[:, idx].set(low)
-
-    return proj_lib.Projector(lambda key: jnp.arange(rank, dtype=jnp.int32), refresh, down, up,
-                              (rank, n) if side == "left" else (m, rank))
-
-
 def _tree_dependent(build) -> optax.GradientTransformationExtraArgs:
     """A transform whose composition depends on the tree's static shapes (rebuilt per trace)."""
 
@@ -448,15 +402,36 @@ def _frugal_rank(view, density: float, subspace: str) -> int | None:
     return min(rank, view.m, view.n)
 
 
+MAX_BLOCK_ROWS = 1024
+"""Upper bound on the rows ``S`` of FRUGAL's block moment buffers (and so on how many devices
+:func:`memjax.optim.state_shardings` can split them over)."""
+MIN_BAND_WIDTH = 128
+"""Every matrix's band of the block moment buffers is at least this wide when its size allows (a
+TPU lane tile; narrower minor dimensions would be padded in memory)."""
+
+
 class BlockState(NamedTuple):
     """State of FRUGAL's blockwise (BAdam-like) mode.
+
+    The moments of the active matrices share two buffers of ``S`` rows: ``S`` is the largest power
+    of two that divides every matrix size, is at most :data:`MAX_BLOCK_ROWS` (1024) and leaves the
+    smallest matrix at least :data:`MIN_BAND_WIDTH` (128) columns (1 if none does). A
+    matrix of ``size`` entries, viewed as ``g.reshape(S, size // S)``, occupies a band of
+    ``size // S`` columns; the active matrices' bands sit side by side in tree order. Row ``s`` thus
+    holds the ``s``-th contiguous ``1/S`` of every active matrix (row-major), so splitting the rows
+    over ``D`` devices (``D`` dividing ``S``; :func:`memjax.optim.state_shardings` does it) gives each
+    device the moments of its own shard of every matrix sharded on its leading axis, and the update
+    moves no moments between devices (a matrix sharded on another axis, e.g. stacked layers on
+    their second, has its gradient and update resharded, never the buffers gathered).
+
+    Memory: ``2 x capacity`` float32 entries, ``capacity`` the largest total size of any active
+    set (no padding, nothing for inactive matrices), ``2 x capacity / D`` per device when sharded.
 
     Attributes:
       step: int32 scalar, steps taken.
       count: int32 scalar, Adam steps since the active blocks last changed.
-      mu: float32 ``(capacity,)``, the first moments of the active matrices, concatenated in
-        tree order; ``capacity`` is the largest total size any active set can have.
-      nu: float32 ``(capacity,)``, second moments, likewise.
+      mu: float32 ``(S, capacity // S)``, first moments of the active matrices.
+      nu: float32 ``(S, capacity // S)``, second moments, likewise.
     """
 
     step: jax.Array
@@ -493,11 +468,12 @@ def _scale_by_active_blocks(num_active: int, order: str, update_gap: int, b1, b2
     """FRUGAL blockwise mode over the matrix leaves (``dims[i]`` not None), others untouched.
 
     Every ``update_gap`` steps a new set of ``num_active`` whole matrices becomes active: their
-    Adam moments restart from zero (with the step count) in a flat buffer; the other matrices get
-    the state-free update.
+    Adam moments restart from zero (with the step count) in the shared buffers of
+    :class:`BlockState`; the other matrices get the state-free update.
     """
 
     def plan(tree):
+        """``(leaf indices, column widths, S, capacity // S, table)`` of the matrix leaves."""
         leaves = jax.tree.leaves(tree)
         idx = [i for i, d in enumerate(dims) if d is not None]
         sizes = np.array([leaves[i].size for i in idx], np.int64)
@@ -505,24 +481,27 @@ def _scale_by_active_blocks(num_active: int, order: str, update_gap: int, b1, b2
         if order == "mirror" and num_active % 2:
             raise ValueError(f"order='mirror' needs an even number of active matrices; "
                              f"density gives {num_active} of {num}.")
+        rows = min(math.gcd(MAX_BLOCK_ROWS, *sizes.tolist()),
+                   1 << (max(1, int(sizes.min()) // MIN_BAND_WIDTH).bit_length() - 1))
+        cols = sizes // rows
         if order == "random":
-            capacity = int(np.sort(sizes)[::-1][:num_active].sum())
+            width = int(np.sort(cols)[::-1][:num_active].sum())
             table = None
         else:
             table = _active_sets(num, num_active, order)
-            capacity = int((table * sizes[None, :]).sum(axis=1).max())
-        return idx, sizes, capacity, table
+            width = int((table * cols[None, :]).sum(axis=1).max())
+        return idx, cols, rows, width, table
 
     def init_fn(params):
-        _, _, capacity, _ = plan(params)
+        _, _, rows, width, _ = plan(params)
         zero = jnp.zeros([], jnp.int32)
-        return BlockState(zero, zero, jnp.zeros((capacity,), jnp.float32),
-                          jnp.zeros((capacity,), jnp.float32))
+        return BlockState(zero, zero, jnp.zeros((rows, width), jnp.float32),
+                          jnp.zeros((rows, width), jnp.float32))
 
     def update_fn(updates, state, params=None):
         del params
         leaves, treedef = jax.tree.flatten(updates)
-        idx, sizes, capacity, table = plan(updates)
+        idx, cols, rows, width, table = plan(updates)
         num = len(idx)
         switch_index = state.step // update_gap
         if table is None:
@@ -531,7 +510,7 @@ def _scale_by_active_blocks(num_active: int, order: str, update_gap: int, b1, b2
             active = jnp.zeros((num,), bool).at[chosen].set(True)
         else:
             active = jnp.asarray(table)[switch_index % table.shape[0]]
-        offsets = jnp.cumsum(active * sizes) - active * sizes
+        offsets = jnp.cumsum(active * cols) - active * cols  # first column of each band
         switch = (state.step % update_gap) == 0
         mu = jnp.where(switch, 0.0, state.mu)
         nu = jnp.where(switch, 0.0, state.nu)
@@ -542,17 +521,17 @@ def _scale_by_active_blocks(num_active: int, order: str, update_gap: int, b1, b2
         out = list(leaves)
         for k, i in enumerate(idx):
             g = leaves[i]
-            size = int(sizes[k])
-            off = jnp.minimum(offsets[k], capacity - size)
+            band = int(cols[k])
+            off = jnp.minimum(offsets[k], width - band)
 
-            def adam(g, mu, nu, off=off, size=size):
-                g32 = g.astype(jnp.float32).reshape(-1)
-                m = b1 * jax.lax.dynamic_slice(mu, (off,), (size,)) + (1.0 - b1) * g32
-                v = b2 * jax.lax.dynamic_slice(nu, (off,), (size,)) + (1.0 - b2) * g32 * g32
+            def adam(g, mu, nu, off=off, band=band):
+                g32 = g.astype(jnp.float32).reshape(rows, band)
+                m = b1 * jax.lax.dynamic_slice(mu, (0, off), (rows, band)) + (1.0 - b1) * g32
+                v = b2 * jax.lax.dynamic_slice(nu, (0, off), (rows, band)) + (1.0 - b2) * g32 * g32
                 u = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
                 return (u.reshape(g.shape).astype(g.dtype),
-                        jax.lax.dynamic_update_slice(mu, m, (off,)),
-                        jax.lax.dynamic_update_slice(nu, v, (off,)))
+                        jax.lax.dynamic_update_slice(mu, m, (0, off)),
+                        jax.lax.dynamic_update_slice(nu, v, (0, off)))
 
             def free(g, mu, nu):
                 if free_mode == "none":
@@ -618,8 +597,9 @@ def frugal(
     * ``"block"``: BAdam-like, ``max(1, round(density * K))`` of the ``K`` matrix leaves are
       entirely state-full (Adam), chosen in ``order`` (``"random"``, ``"ascending"``,
       ``"descending"``, ``"mirror"``) and switched every ``T`` steps; the others are entirely
-      state-free. Only the active matrices' moments are stored (a flat buffer as large as the
-      largest active set).
+      state-free. Only the active matrices' moments are stored: two float32 buffers as large as
+      the largest active set (:class:`BlockState`), which
+      :func:`memjax.optim.state_shardings` splits over the parameters' devices.
 
     Adam (``optax.scale_by_adam`` form: the torch ``AdamW`` of the authors' code) restarts from zero
     moments and step count at every subspace change when ``reset_state_on_refresh`` (the authors'
@@ -689,8 +669,9 @@ def frugal(
     adam = inner if inner is not None else optax.scale_by_adam(b1, b2, eps)
     policy = (residual_lib.drop(1.0) if state_free == "none"
               else residual_lib.state_free(state_free, state_free_lr))
-    projector = {"svd": "svd", "random": _orthogonal_projector, "columns": _coordinate_projector,
-                 "rows": _coordinate_projector}.get(subspace)
+    projector = {"svd": "svd", "random": proj_lib.orthogonal_projector,
+                 "columns": proj_lib.coordinate_projector,
+                 "rows": proj_lib.coordinate_projector}.get(subspace)
     proj_type = {"columns": "right", "rows": "left"}.get(subspace, "std")
 
     def build(tree):

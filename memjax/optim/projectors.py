@@ -18,6 +18,11 @@ projector     refresh (every ``update_proj_gap`` steps)               state
               from it on every use (APOLLO)
 ============  =====================================================  ==========================
 
+FRUGAL's subspaces are factories with the same signature as :func:`make_projector` without the
+name, passed as ``projector=`` to :func:`memjax.optim.scale_by_low_rank`:
+:func:`orthogonal_projector` (an orthonormal random basis, one key stored) and
+:func:`coordinate_projector` (``r`` random rows or columns, ``r`` int32 indices stored).
+
 Singular vectors are defined up to sign and LAPACK, cuSOLVER and TPU SVDs choose differently.
 Since the inner optimizer's moments survive a refresh, the sign changes the trajectory. memjax
 makes the largest-magnitude entry of every singular vector positive, so runs agree across
@@ -27,6 +32,8 @@ References:
   Zhao et al., "GaLore", arXiv 2403.03507 (2024).
   Modoranu et al., "SVD-free low-rank adaptive gradient optimization", arXiv 2505.17967 (2025).
   Zhu et al., "APOLLO: SGD-like memory, AdamW-level performance", arXiv 2412.05270 (2024).
+  Zmushko et al., "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for
+  Scalable Training", arXiv 2411.07837 (2024).
 """
 
 from __future__ import annotations
@@ -203,6 +210,82 @@ def make_projector(name: str, m: int, n: int, rank: int, side: str, dtype=jnp.fl
         raise ValueError(
             f"rank={rank} must be in [1, {size}] for a {m}x{n} matrix projected on the {side}.")
     return _FACTORIES[name](m, n, rank, side, dtype)
+
+
+def orthogonal_projector(m: int, n: int, rank: int, side: str, dtype=jnp.float32) -> Projector:
+    r"""FRUGAL's random subspace: an orthonormal basis regenerated from a stored key.
+
+    With ``k = m`` (left) or ``n`` (right) and ``Q`` the ``k x r`` factor of the QR decomposition
+    of a standard Gaussian ``k x r`` matrix drawn from the key (orthonormal columns,
+    :math:`Q^T Q = I_r`), ``P = Q`` (left, ``m x r``) or ``P = Q^T`` (right, ``r x n``), and
+
+    .. math::
+      \mathrm{down}(G) = P^T G \text{ or } G P^T, \qquad \mathrm{up}(L) = P L \text{ or } L P.
+
+    Unlike the Gaussian ``"random"`` projector, ``up(down(G))`` is an orthogonal projection, so
+    ``G - up(down(G))`` is its complement (FRUGAL's state-free part). Only the key is stored
+    (two uint32); ``P`` is rebuilt (one ``k x r`` QR) on every use.
+
+    Args:
+      m, n: matrix shape.
+      rank: subspace dimension ``r <= k``.
+      side: ``"left"`` or ``"right"``.
+      dtype: dtype of the gradient (``P`` is cast to it).
+
+    Returns:
+      A :class:`Projector` whose state is raw PRNG key data.
+    """
+    size = m if side == "left" else n
+
+    def matrix(key_data):
+        g = jax.random.normal(jax.random.wrap_key_data(key_data), (size, rank), jnp.float32)
+        q = jnp.linalg.qr(g)[0].astype(dtype)  # (size, rank), orthonormal columns
+        return q if side == "left" else q.T
+
+    def refresh(g, key_data, key):
+        del g, key_data
+        return jax.random.key_data(key)
+
+    return Projector(
+        jax.random.key_data, refresh,
+        lambda g, s: matrix(s).T @ g if side == "left" else g @ matrix(s).T,
+        lambda low, s: matrix(s) @ low if side == "left" else low @ matrix(s),
+        (rank, n) if side == "left" else (m, rank))
+
+
+def coordinate_projector(m: int, n: int, rank: int, side: str, dtype=jnp.float32) -> Projector:
+    """FRUGAL's coordinate subspace: ``rank`` random rows (left) or columns (right).
+
+    At every refresh ``rank`` distinct indices ``i_1 < ... < i_r`` of ``range(m)`` (left) or
+    ``range(n)`` (right) are drawn uniformly from the key; ``down(G) = G[idx, :]`` (``r x n``) or
+    ``G[:, idx]`` (``m x r``) gathers them and ``up`` scatters into zeros, so ``up(down(G))`` keeps
+    the chosen rows / columns of ``G`` and zeroes the rest. The gradient is not used.
+
+    Args:
+      m, n: matrix shape.
+      rank: number of rows / columns ``r <= k``.
+      side: ``"left"`` (rows) or ``"right"`` (columns).
+      dtype: unused (indices carry no dtype); kept for the factory signature.
+
+    Returns:
+      A :class:`Projector` whose state is ``r`` sorted int32 indices.
+    """
+    del dtype
+    size = m if side == "left" else n
+
+    def refresh(g, idx, key):
+        del g, idx
+        return jnp.sort(jax.random.permutation(key, size)[:rank]).astype(jnp.int32)
+
+    def down(g, idx):
+        return g[idx, :] if side == "left" else g[:, idx]
+
+    def up(low, idx):
+        full = jnp.zeros((m, n), low.dtype)
+        return full.at[idx, :].set(low) if side == "left" else full.at[:, idx].set(low)
+
+    return Projector(lambda key: jnp.arange(rank, dtype=jnp.int32), refresh, down, up,
+                     (rank, n) if side == "left" else (m, rank))
 
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "min_state")

@@ -210,7 +210,8 @@ class ScaleByAdam8bitState(NamedTuple):
       count: int32 scalar, steps taken.
       mu: first moments like the params: int8 codes (float32 moments for leaves smaller than
         ``min_8bit_size``).
-      mu_absmax: float32 ``(num_blocks,)`` per leaf (``(0,)`` for float32 leaves).
+      mu_absmax: float32 ``(num_blocks,)`` per leaf (an unused ``(1,)`` placeholder for float32
+        leaves).
       nu: second moments, like ``mu``.
       nu_absmax: like ``mu_absmax``.
     """
@@ -276,7 +277,8 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
         return jnp.zeros(x.shape, jnp.float32)
 
     def init_absmax(x):
-        n = num_blocks(x.size, block_size) if quantized(x) else 0
+        # float32 leaves keep a (1,) placeholder: checkpointers (orbax) refuse zero-size arrays
+        n = num_blocks(x.size, block_size) if quantized(x) else 1
         return jnp.zeros((n,), jnp.float32)
 
     def init_fn(params):

@@ -11,6 +11,11 @@ the parameter it belongs to (found by tree path), dimension by dimension:
   dimension's mesh axes;
 * mesh axes of dimensions that shrank (``m -> r``) move to the largest remaining dimension that is
   unsharded and divisible by their size, so the state stays spread over the same devices;
+* FRUGAL's block moment buffers (``mu`` and ``nu`` of :class:`memjax.optim.aliases.BlockState`,
+  shared by the active matrices) have their rows split over the mesh axes the parameters are
+  sharded on (in order of first use) when the row count is divisible by those axes' total size
+  ``D``: each device holds ``1/D`` of them, the moments of its own shard of every matrix sharded
+  on its leading axis;
 * leaves that belong to no parameter (step counters, keys, indices) are replicated.
 
 Pass the result as ``out_shardings`` of the jitted ``init`` and as in/out shardings of the jitted
@@ -25,6 +30,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from memjax.optim.aliases import BlockState
 from memjax.optim.labels import path_str
 
 
@@ -61,6 +67,29 @@ def _follow(state_shape, param_shape, sharding: NamedSharding) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*out))
 
 
+def _param_axes(shardings: list) -> tuple:
+    """Mesh axes used by any parameter sharding, in order of first use."""
+    axes = []
+    for sh in shardings:
+        for entry in sh.spec:
+            axes.extend(a for a in _axes_of(entry) if a not in axes)
+    return tuple(axes)
+
+
+def _split_rows(shape, axes: tuple, mesh) -> NamedSharding:
+    """Rows of a buffer over ``axes`` if their total size divides the row count, else replicated."""
+    size = math.prod(mesh.shape[a] for a in axes)
+    if not axes or not shape or shape[0] % size:
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, PartitionSpec(axes[0] if len(axes) == 1 else axes))
+
+
+def _block_state(state: BlockState, axes: tuple, mesh) -> BlockState:
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return BlockState(replicated, replicated, _split_rows(state.mu.shape, axes, mesh),
+                      _split_rows(state.nu.shape, axes, mesh))
+
+
 def state_shardings(state: Any, params: Any, param_shardings: Any) -> Any:
     """Shardings for an optimizer state that follow the parameters' shardings.
 
@@ -78,8 +107,11 @@ def state_shardings(state: Any, params: Any, param_shardings: Any) -> Any:
         raise ValueError("param_shardings must have the structure of params.")
     mesh = s_leaves[0].mesh if s_leaves else None
     table = {path_str(path): (leaf.shape, sh) for (path, leaf), sh in zip(p_leaves, s_leaves)}
+    axes = _param_axes(s_leaves)
 
     def rule(path, leaf):
+        if isinstance(leaf, BlockState):
+            return _block_state(leaf, axes, mesh)
         parts = path_str(path).split("/")
         for start in range(len(parts)):
             hit = table.get("/".join(parts[start:]))
@@ -87,4 +119,5 @@ def state_shardings(state: Any, params: Any, param_shardings: Any) -> Any:
                 return _follow(tuple(leaf.shape), tuple(hit[0]), hit[1])
         return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree_util.tree_map_with_path(rule, state)
+    return jax.tree_util.tree_map_with_path(rule, state,
+                                            is_leaf=lambda x: isinstance(x, BlockState))

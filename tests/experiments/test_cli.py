@@ -23,7 +23,8 @@ def test_overrides_reach_every_section():
     assert not config.log.progress
     assert parse([]).name == "default"
     assert [o.display_name for o in parse(["--config", "sweep"]).optimizers] == [
-        "adamw", "galore-svd", "galore-dct", "galore-random"]
+        "adamw", "galore-svd", "galore-dct", "galore-random", "fira-svd", "apollo-random",
+        "apollo_mini", "frugal-block", "q_galore", "mezo"]
 
 
 @pytest.mark.parametrize("args, message", [

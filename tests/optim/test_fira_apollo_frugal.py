@@ -273,6 +273,44 @@ def _svd_projector(shape, rank, side):
     return projector
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_frugal_subspaces_are_an_orthogonal_and_a_coordinate_projection(side):
+    m, n, rank = 12, 8, 3
+    g = jax.random.normal(jax.random.key(0), (m, n))
+    key = jax.random.key(5)
+    orth = memjax.optim.projectors.orthogonal_projector(m, n, rank, side)
+    state = orth.refresh(g, orth.init(key), key)
+    low = orth.down(g, state)
+    assert low.shape == orth.low_shape == ((rank, n) if side == "left" else (m, rank))
+    inside = orth.up(low, state)
+    np.testing.assert_allclose(orth.up(orth.down(inside, state), state), inside, atol=1e-5)
+    assert abs(float(jnp.sum((g - inside) * inside))) < 1e-4  # the complement is orthogonal
+
+    coord = memjax.optim.projectors.coordinate_projector(m, n, rank, side)
+    idx = np.asarray(coord.refresh(g, coord.init(key), key))
+    assert idx.dtype == np.int32 and len(set(idx.tolist())) == rank and np.all(np.diff(idx) > 0)
+    kept = np.asarray(coord.up(coord.down(g, idx), idx))
+    mask = np.zeros((m, n), bool)
+    mask[(idx, slice(None)) if side == "left" else (slice(None), idx)] = True
+    np.testing.assert_array_equal(kept, np.where(mask, np.asarray(g), 0.0))
+
+
+def test_frugal_block_buffers_hold_row_bands_of_the_active_matrices():
+    """``S`` rows (a power of two dividing every size, bands >= 128 wide), one band per matrix."""
+    shapes = {"a": (256, 128), "b": (128, 256), "c": (64, 64), "d": (64, 64)}  # 32768, 32768, 4096
+    params = {k: jnp.zeros(s) for k, s in shapes.items()}
+    tx = memjax.optim.frugal(LR, density=0.5, subspace="block", order="ascending")
+    (bs,) = _states(tx.init(params), memjax.optim.aliases.BlockState)
+    rows = 4096 // 128  # the smallest matrix keeps 128 columns
+    assert bs.mu.shape == bs.nu.shape == (rows, (32768 + 32768) // rows)  # {a, b} then {c, d}
+    g = {k: jnp.full(s, i + 1.0) for i, (k, s) in enumerate(shapes.items())}
+    _, state = jax.jit(tx.update)(g, tx.init(params), params)
+    (bs,) = _states(state, memjax.optim.aliases.BlockState)
+    band = 32768 // rows  # "a" then "b", side by side: row s holds the s-th 1/S of each
+    np.testing.assert_allclose(bs.mu[:, :band], 0.1 * 1.0)
+    np.testing.assert_allclose(bs.mu[:, band:], 0.1 * 2.0)
+
+
 BLOCK_SHAPES = [(24, 16), (16, 24), (20, 20), (12, 28), (30, 8)]
 
 

@@ -121,7 +121,7 @@ def test_adam_8bit_state_is_int8_plus_block_scales():
     tx = memjax.optim.scale_by_adam_8bit(block_size=256)  # min_8bit_size 4096: "small" is f32
     state = tx.init(params)
     assert state.mu["w"].dtype == jnp.int8 and state.mu_absmax["w"].shape == (16,)
-    assert state.mu["small"].dtype == jnp.float32 and state.mu_absmax["small"].shape == (0,)
+    assert state.mu["small"].dtype == jnp.float32 and state.mu_absmax["small"].shape == (1,)
     full = memjax.optim.state_bytes(optax.adam(1e-3).init({"w": params["w"]}))
     eight = memjax.optim.state_bytes(tx.init({"w": params["w"]}))
     assert eight <= full * (1 + 4 / 256) / 4 + 8

@@ -247,7 +247,9 @@ def mezo_shared_seed(loss_fn: Callable, mesh: jax.sharding.Mesh, learning_rate: 
         new = apply_codes(params, step_key, codes, lr, codec=codec, weight_decay=weight_decay,
                           mask=mask, stacked_axes=stacked_axes)
         info = SharedSeedInfo(jnp.mean(est.losses)[None], codes, jax.random.key_data(step_key), lr)
-        return new, zo.ZerothOrderState(state.count + 1, state.key), info
+        applied = jnp.any(codes != INVALID)  # else nothing changed: the state stays too
+        count = jnp.where(applied, state.count + 1, state.count)
+        return new, zo.ZerothOrderState(count, state.key), info
 
     replicated = P()
     info_specs = SharedSeedInfo(P(axis_name), replicated, replicated, replicated)

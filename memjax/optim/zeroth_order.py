@@ -392,7 +392,7 @@ class ZerothOrderState(NamedTuple):
     """State of :func:`mezo`: everything a resumed run needs.
 
     Attributes:
-      count: int32 scalar, steps taken (skipped steps included).
+      count: int32 scalar, steps applied (a skipped step does not count).
       key: (2,) uint32 raw key data of the base key; ``step_key = fold_in(key, count)``.
     """
 
@@ -444,8 +444,8 @@ def mezo(learning_rate: float | optax.Schedule, eps: float = 1e-3, n: int = 1,
         g_j      = (L(theta + eps z_j) - L(theta - eps z_j)) / (2 eps)      j < n   (n-SPSA)
         theta   <- theta - lr(count) * (mean_j g_j z_j + wd * mask * theta)
 
-    A step whose losses are not all finite leaves the parameters bit for bit unchanged (the count
-    still advances, so the next step draws fresh directions).
+    A step whose losses are not all finite leaves the parameters and the state bit for bit
+    unchanged (``StepInfo.skipped``).
 
     Args:
       learning_rate: float or optax schedule of the step count (MeZO: constant 1e-6 / 1e-7 for
@@ -485,6 +485,7 @@ def mezo(learning_rate: float | optax.Schedule, eps: float = 1e-3, n: int = 1,
                           mask=mask, stacked_axes=stacked_axes, valid=valid)
         info = StepInfo(jnp.mean(est.losses), jnp.where(valid, est.scalars, 0.0),
                         ~est.finite, jax.random.key_data(key))
-        return new, ZerothOrderState(state.count + 1, state.key), info
+        count = jnp.where(est.finite, state.count + 1, state.count)
+        return new, ZerothOrderState(count, state.key), info
 
     return ZerothOrderTransformation(init, step)

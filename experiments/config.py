@@ -154,6 +154,11 @@ class OptimizerConfig:
     """mezo: SPSA perturbation scale eps (MeZO: 1e-3)."""
     zo_samples: int = 1
     """mezo: SPSA samples n per step (n-SPSA); each costs two forward passes."""
+    zo_shared_seed: bool = False
+    """mezo: the shared-seed variant over the mesh's data axis (each worker perturbs with its own
+    key on its own shard and all-gathers one int8 code per sample; parameters are replicated, so
+    mesh.fsdp must be 1). The replay log (step key, codes, lr per step) is saved next to the
+    checkpoints as replay_log.npz: initial parameters + log = the current parameters."""
 
     def resolved(self, field: str) -> Any:
         """``field``'s value, or this recipe's authors' default when it is ``None``."""
@@ -171,6 +176,8 @@ class OptimizerConfig:
             return f"{self.name}-{self.resolved('projector')}"
         if self.name == "frugal":
             return f"frugal-{self.subspace}"
+        if self.name == "mezo" and self.zo_shared_seed:
+            return "mezo-shared-seed"
         return self.name
 
 
@@ -387,6 +394,9 @@ def validate(config: Config) -> None:
     for o in config.optimizers:
         if o.learning_rate <= 0:
             raise ConfigError(f"optimizer {o.display_name}: learning_rate must be > 0")
+        if o.name == "mezo" and o.zo_shared_seed and config.mesh.fsdp != 1:
+            raise ConfigError(f"optimizer {o.display_name}: zo_shared_seed replicates the "
+                              f"parameters; set mesh.fsdp=1 (got {config.mesh.fsdp})")
         if o.name == "mezo" and not (o.zo_eps > 0 and o.zo_samples >= 1):
             raise ConfigError(f"optimizer {o.display_name}: zo_eps={o.zo_eps} must be > 0 and "
                               f"zo_samples={o.zo_samples} >= 1")

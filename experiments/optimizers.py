@@ -17,7 +17,7 @@ block.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import optax
 
@@ -117,15 +117,31 @@ def mezo(cfg: OptimizerConfig, lr: optax.Schedule) -> memjax.optim.ZerothOrderTr
                              stacked_axes=stacked_layer_axes, at_use=True)
 
 
+class SharedSeedMezo(NamedTuple):
+    """MeZO over the data axis (``zo_shared_seed``): the trainer calls ``make(loss_fn, mesh)``,
+    which returns a :class:`memjax.optim.shared_seed.SharedSeedZO`."""
+
+    make: Callable[..., Any]
+
+
+def mezo_shared_seed(cfg: OptimizerConfig, lr: optax.Schedule) -> SharedSeedMezo:
+    """:func:`memjax.optim.mezo_shared_seed` with the perturbation applied inside the scan body;
+    batches are ``(accumulation, batch, length)``, split over workers on axis 1."""
+    return SharedSeedMezo(lambda loss_fn, mesh: memjax.optim.mezo_shared_seed(
+        loss_fn, mesh, lr, eps=cfg.zo_eps, n=cfg.zo_samples, weight_decay=cfg.weight_decay,
+        stacked_axes=stacked_layer_axes, at_use=True, batch_axis=1))
+
+
 def build(cfg: OptimizerConfig, schedule: ScheduleConfig) -> tuple[Any, optax.Schedule]:
     """The full optimizer of ``cfg`` and its learning-rate schedule (for logging).
 
     An optax transform (``skip_nonfinite(chain(clip, recipe))``), or for ``mezo`` a
-    :class:`memjax.optim.ZerothOrderTransformation`.
+    :class:`memjax.optim.ZerothOrderTransformation` (a :class:`SharedSeedMezo` with
+    ``zo_shared_seed``).
     """
     lr = warmup_cosine(cfg.learning_rate, schedule)
     if cfg.name == "mezo":
-        return mezo(cfg, lr), lr
+        return (mezo_shared_seed if cfg.zo_shared_seed else mezo)(cfg, lr), lr
     parts = [optax.clip_by_global_norm(schedule.clip_norm)] if schedule.clip_norm > 0 else []
     parts.append(RECIPES[cfg.name](cfg, lr))
     return memjax.optim.skip_nonfinite(optax.chain(*parts)), lr

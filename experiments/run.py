@@ -12,6 +12,7 @@ Run directory (``<output_dir>/<experiment>/<optimizer label>/``)::
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import time
 
@@ -113,6 +114,33 @@ def _restore_or_init(tr: trainer.Trainer, mngr, start: int,
     return state, IteratorState(**meta["data"])
 
 
+REPLAY_LOG = "replay_log.npz"
+
+
+def _load_replay_log(directory: pathlib.Path, start: int):
+    """The shared-seed MeZO replay log of the first ``start`` steps (None when starting fresh)."""
+    if not start:
+        return None
+    log = memjax.optim.ReplayLog.load(directory / REPLAY_LOG)
+    if len(log) < start:
+        raise ConfigError(f"{directory / REPLAY_LOG} has {len(log)} steps; the checkpoint is at "
+                          f"step {start}")
+    return memjax.optim.ReplayLog(*(a[:start] for a in log))
+
+
+def _append_replay(log, entry):
+    if log is None:
+        log = memjax.optim.ReplayLog.empty(*entry.codes.shape)
+    return log.append(entry)
+
+
+def _save_replay_log(directory: pathlib.Path, log) -> None:
+    """Atomically (write, then rename) saves the replay log next to the checkpoints."""
+    tmp = directory / ("tmp-" + REPLAY_LOG)
+    log.save(tmp)
+    os.replace(tmp, directory / REPLAY_LOG)
+
+
 def _train_records(host: list[dict], last_step: int, step_time: float, tokens_per_step: int,
                    warm: bool) -> list[dict]:
     first = last_step - len(host) + 1
@@ -165,6 +193,8 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
     def to_device(batch):
         return trainer.to_device(trainer.micro_batches(batch, s.grad_accum), tr.batch_shardings)
 
+    shared_seed = isinstance(tr.tx, memjax.optim.shared_seed.SharedSeedZO)
+    replay_log = _load_replay_log(directory, start) if shared_seed else None
     val = [to_device(b) for b in source.val_batches]
     tokens_per_step = d.batch_size * d.seq_len
     bar = tqdm(total=steps, initial=start, desc=label, disable=not (config.log.progress and primary))
@@ -178,6 +208,9 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
             if not (eval_due or ckpt_due or _due(done, config.log.log_every, stop)):
                 continue
             host = [trainer.host_metrics(m) for m in pending]  # waits for the device
+            if shared_seed:
+                for m in pending:
+                    replay_log = _append_replay(replay_log, trainer.replay_entry(m))
             step_time = (time.perf_counter() - window_start) / len(host)
             records = _train_records(host, done, step_time, tokens_per_step, warm)
             pending, warm = [], True
@@ -189,6 +222,8 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
             if primary:
                 metrics.append(metrics_path, records)
             if ckpt_due:
+                if shared_seed and primary:  # written before the checkpoint starts
+                    _save_replay_log(directory, replay_log)
                 checkpointing.save(mngr, done, state, {
                     "data": dataclasses.asdict(batches.state), "fingerprint": fingerprint,
                     "data_fingerprint": source.fingerprint})

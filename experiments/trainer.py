@@ -31,7 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import memjax
-from experiments import sharding
+from experiments import optimizers, sharding
 from experiments.data import Batch
 from memjax.models.lm import LM, LMConfig, next_token_loss
 
@@ -83,6 +83,13 @@ def init_model_params(lm_config: LMConfig, seed: int) -> Any:
     return nnx.to_pure_dict(params)
 
 
+def initial_params(lm_config: LMConfig, seed: int) -> Any:
+    """The parameters every run of ``(lm_config, seed)`` starts from, bit for bit (computed under
+    ``jax.jit``, as the trainer's init is: eager initialisation may round differently). With a
+    shared-seed MeZO replay log they rebuild a run's parameters (:func:`memjax.optim.replay`)."""
+    return jax.jit(init_model_params, static_argnums=(0, 1))(lm_config, seed)
+
+
 def abstract_model(lm_config: LMConfig, seed: int = 0) -> tuple[Any, Any, Any]:
     """``(graphdef, abstract params (pure dict), logical PartitionSpecs (pure dict))``."""
     model = nnx.eval_shape(lambda: LM(lm_config, rngs=nnx.Rngs(params=seed)))
@@ -114,10 +121,22 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
           seq_len: int) -> Trainer:
     """Shardings and compiled init / step / eval of one run (nothing is allocated but the init)."""
     graphdef, abstract_params, logical = abstract_model(lm_config, seed)
-    param_sh = sharding.param_shardings(abstract_params, logical, rules, mesh)
+    rep = sharding.replicated(mesh)
+
+    def zo_loss(params, batch: Batch, noise):  # the loss at params + noise, perturbed at use
+        hook = memjax.optim.zeroth_order.param_hook(noise)
+        return jnp.mean(jax.lax.map(
+            lambda mb: next_token_loss(nnx.merge(graphdef, params), mb.tokens, mb.mask,
+                                       param_hook=hook), batch))
+
+    shared = None
+    if isinstance(tx, optimizers.SharedSeedMezo):  # replicated parameters, one byte per worker
+        shared = tx = tx.make(zo_loss, mesh)
+        param_sh = jax.tree.map(lambda _: rep, abstract_params)
+    else:
+        param_sh = sharding.param_shardings(abstract_params, logical, rules, mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_sh = memjax.optim.state_shardings(abstract_opt, abstract_params, param_sh)
-    rep = sharding.replicated(mesh)
     state_sh = TrainState(rep, param_sh, opt_sh, rep)
 
     def init() -> TrainState:
@@ -142,12 +161,6 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
                    "lr": schedule(state.step), "skipped": opt_state.skipped}
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
-    def zo_loss(params, batch: Batch, noise):  # the loss at params + noise, perturbed at use
-        hook = memjax.optim.zeroth_order.param_hook(noise)
-        return jnp.mean(jax.lax.map(
-            lambda mb: next_token_loss(nnx.merge(graphdef, params), mb.tokens, mb.mask,
-                                       param_hook=hook), batch))
-
     def zo_step(state: TrainState, batch: Batch):  # forward passes only: no backward is compiled
         params, opt_state, info = tx.step(zo_loss, state.params, state.opt_state, batch)
         params = jax.lax.with_sharding_constraint(params, param_sh)
@@ -156,8 +169,22 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
                    "lr": schedule(state.step), "skipped": info.skipped}
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
+    def shared_step(state: TrainState, batch: Batch):  # its only collective: an int8 all-gather
+        params, opt_state, info = shared.step(state.params, state.opt_state, batch)
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        codec = memjax.optim.shared_seed.DEFAULT_CODEC
+        metrics = {"loss": jnp.mean(info.losses),
+                   "grad_norm": jnp.mean(jnp.abs(codec.decode(info.codes))),
+                   "lr": schedule(state.step),
+                   "skipped": jnp.all(info.codes == memjax.optim.shared_seed.INVALID),
+                   # the replay-log entry of this step (see experiments.run)
+                   "zo_key": info.step_key_data, "zo_codes": info.codes, "zo_lr": info.learning_rate}
+        return TrainState(state.step + 1, params, opt_state, rng), metrics
+
     if isinstance(tx, memjax.optim.ZerothOrderTransformation):
         train_step = zo_step
+    elif shared is not None:
+        train_step = shared_step
 
     def eval_loss(params, batch: Batch):
         return jnp.mean(jax.lax.map(lambda mb: loss_fn(params, mb.tokens, mb.mask), batch))
@@ -180,10 +207,22 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+REPLAY_KEYS = ("zo_key", "zo_codes", "zo_lr")
+"""Metrics of a shared-seed MeZO step that form its replay-log entry (not scalars to log)."""
+
+
 def host_metrics(metrics: dict) -> dict:
-    """Device scalars -> Python floats / ints."""
+    """Device scalars -> Python floats / ints (replay-log entries are left out)."""
     return {k: (int(v) if np.issubdtype(np.asarray(v).dtype, np.integer) else float(v))
-            for k, v in jax.device_get(metrics).items()}
+            for k, v in jax.device_get(metrics).items() if k not in REPLAY_KEYS}
+
+
+def replay_entry(metrics: dict) -> memjax.optim.shared_seed.SharedSeedInfo | None:
+    """The replay-log entry of a shared-seed MeZO step's metrics (None for other optimizers)."""
+    if "zo_codes" not in metrics:
+        return None
+    key, codes, lr = (np.asarray(x) for x in jax.device_get([metrics[k] for k in REPLAY_KEYS]))
+    return memjax.optim.shared_seed.SharedSeedInfo(None, codes, key, lr)
 
 
 def params_digest(params: Any) -> str:

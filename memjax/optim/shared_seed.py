@@ -203,7 +203,7 @@ def mezo_shared_seed(loss_fn: Callable, mesh: jax.sharding.Mesh, learning_rate: 
                      eps: float = 1e-3, n: int = 1, weight_decay: float = 0.0, *,
                      axis_name: str = "data", codec: OneByteCodec = DEFAULT_CODEC, seed: int = 0,
                      mask: Any = None, stacked_axes: zo.StackedAxes = 0,
-                     at_use: bool = False) -> SharedSeedZO:
+                     at_use: bool = False, batch_axis: int = 0) -> SharedSeedZO:
     """MeZO over a data axis with shared seeds and one-byte scalars (Zelikman et al. 2023).
 
     Worker ``k`` (index along ``axis_name``) estimates ``g_{k,j}`` on its shard of the batch with
@@ -218,10 +218,12 @@ def mezo_shared_seed(loss_fn: Callable, mesh: jax.sharding.Mesh, learning_rate: 
         :func:`memjax.optim.zeroth_order.mezo`.
       axis_name: the mesh axis the batch is split over.
       codec: the one-byte code of each scalar.
+      batch_axis: the axis of the batch leaves that is split over the workers (e.g. 1 for
+        ``(accumulation, batch, length)`` micro-batches).
 
     Returns:
-      a :class:`SharedSeedZO`; ``step(params, state, batch)`` expects ``batch`` leaves with a
-      leading dimension divisible by N, and the same ``state`` (a
+      a :class:`SharedSeedZO`; ``step(params, state, batch)`` expects ``batch`` leaves whose
+      ``batch_axis`` dimension is divisible by N, and the same ``state`` (a
       :class:`memjax.optim.zeroth_order.ZerothOrderState`) on every process.
     """
     zo._check_eps_n(eps, n)
@@ -253,7 +255,10 @@ def mezo_shared_seed(loss_fn: Callable, mesh: jax.sharding.Mesh, learning_rate: 
 
     replicated = P()
     info_specs = SharedSeedInfo(P(axis_name), replicated, replicated, replicated)
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(replicated, replicated, P(axis_name)),
+    if not isinstance(batch_axis, int) or batch_axis < 0:
+        raise ValueError(f"batch_axis must be an int >= 0, got {batch_axis!r}")
+    batch_spec = P(*([None] * batch_axis), axis_name)
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(replicated, replicated, batch_spec),
                            out_specs=(replicated, replicated, info_specs), check_vma=False)
     step = jax.jit(mapped, donate_argnums=(0,))
 

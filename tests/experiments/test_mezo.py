@@ -3,9 +3,11 @@
 import dataclasses
 import json
 
+import jax
 import numpy as np
 
-from experiments import configs, metrics, run
+import memjax
+from experiments import configs, metrics, optimizers, run, trainer
 from experiments.config import (
     CheckpointConfig,
     EvalConfig,
@@ -56,3 +58,34 @@ def test_mezo_trains_resumes_exactly_and_needs_less_memory_than_adamw(tmp_path):
            for c in (straight, adamw)}
     assert mem["mezo"]["opt_state_bytes"] < 100
     assert mem["mezo"]["step_peak_bytes"] < mem["adamw"]["step_peak_bytes"]
+
+
+def test_shared_seed_mezo_resumes_exactly_and_a_worker_joins_by_replay(tmp_path):
+    """8 data-parallel workers (mesh.fsdp = 1); the replay log is saved with every checkpoint."""
+    shared = OptimizerConfig(name="mezo", learning_rate=1e-3, zo_shared_seed=True, weight_decay=0.1)
+
+    def config(directory, stop_after=0):
+        c = _config(directory, stop_after, optimizers=(shared,))
+        return dataclasses.replace(c, mesh=MeshConfig(data=8, fsdp=1))
+
+    straight = config(tmp_path / "straight")
+    run_experiment(straight)
+    expected = _records(straight)
+    stopped = config(tmp_path / "resumed", stop_after=7)
+    run_experiment(stopped)
+    run_experiment(config(tmp_path / "resumed"))
+    assert [(r["step"], r["split"], r["loss"]) for r in _records(stopped)] == \
+        [(r["step"], r["split"], r["loss"]) for r in expected]
+
+    directory = run.run_dir(straight, shared)
+    log = memjax.optim.ReplayLog.load(directory / "replay_log.npz")
+    assert len(log) == STEPS and log.codes.shape == (STEPS, 8, 1)
+    resumed_log = memjax.optim.ReplayLog.load(run.run_dir(stopped, shared) / "replay_log.npz")
+    for a, b in zip(log, resumed_log):
+        np.testing.assert_array_equal(a, b)
+    # a new worker: the initial parameters (from the seed) + the log = the trained parameters
+    initial = trainer.initial_params(run.lm_config(straight), straight.seed)
+    opt = optimizers.build(shared, straight.schedule)[0].make(None, jax.make_mesh((8,), ("data",)))
+    joined = opt.replay(initial, log)
+    final = json.loads((directory / "final.json").read_text())
+    assert trainer.params_digest(joined) == final["params_sha256"]

@@ -70,11 +70,14 @@ class SPSAEstimate(NamedTuple):
       scalars: (n,) float32 projected gradients ``g_j = (L+ - L-) / (2 eps)``.
       losses: (n,) float32 ``(L+ + L-) / 2``, the loss estimate of each sample.
       finite: bool scalar, whether every ``L+`` and ``L-`` was finite.
+      sample_keys: (n, 2) uint32 raw key data of the samples' keys ``fold_in(key, j)``: with
+        ``scalars`` they are all :func:`spsa_update` needs.
     """
 
     scalars: jax.Array
     losses: jax.Array
     finite: jax.Array
+    sample_keys: jax.Array
 
 
 def _is_float(leaf) -> bool:
@@ -276,7 +279,8 @@ def spsa_estimate(loss_fn: Callable, params: Params, batch: Any, key: jax.Array,
         return (plus - minus) / (2.0 * eps), 0.5 * (plus + minus), jnp.isfinite(plus) & jnp.isfinite(minus)
 
     scalars, losses, finite = jax.lax.map(one, jnp.arange(n))
-    return SPSAEstimate(scalars, losses, jnp.all(finite))
+    keys = jax.vmap(lambda j: jax.random.key_data(sample_key(key, j)))(jnp.arange(n))
+    return SPSAEstimate(scalars, losses, jnp.all(finite), keys)
 
 
 def _check_eps_n(eps, n) -> None:
@@ -479,7 +483,7 @@ def mezo(learning_rate: float | optax.Schedule, eps: float = 1e-3, n: int = 1,
         est = spsa_estimate(loss_fn, params, batch, key, eps, n, stacked_axes=stacked_axes,
                             at_use=at_use)
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        keys = jax.vmap(lambda j: sample_key(key, j))(jnp.arange(n))
+        keys = jax.random.wrap_key_data(est.sample_keys)
         valid = jnp.broadcast_to(est.finite, (n,))
         new = spsa_update(params, keys, est.scalars, lr, weight_decay=weight_decay,
                           mask=mask, stacked_axes=stacked_axes, valid=valid)

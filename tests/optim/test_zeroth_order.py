@@ -105,8 +105,7 @@ def _mean_direction(n, num_keys):
 
     def direction(key):  # mean_j g_j z_j from one step: theta - update(theta) with lr 1
         est = zo.spsa_estimate(loss, params, None, key, eps=1e-2, n=n)
-        keys = jax.vmap(lambda j: zo.sample_key(key, j))(jnp.arange(n))
-        new = zo.spsa_update(params, keys, est.scalars, 1.0)
+        new = zo.spsa_update(params, jax.random.wrap_key_data(est.sample_keys), est.scalars, 1.0)
         return params["v"] - new["v"]
 
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(11), i))(jnp.arange(num_keys))

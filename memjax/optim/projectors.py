@@ -13,7 +13,8 @@ projector     refresh (every ``update_proj_gap`` steps)               state
 ``"svd"``     thin SVD of ``G`` in float32, top-``r`` singular        ``P`` in the gradient dtype
               vectors with canonical signs (GaLore)
 ``"dct"``     ``S = G Q`` (or ``Q^T G``), ``Q`` the orthonormal       ``r`` int32 indices
-              DCT-II basis; keep the ``r`` columns of largest l1 norm
+              DCT-II basis (an FFT; ``Q`` is never built); keep
+              the ``r`` columns of largest l1 norm
 ``"random"``  a fresh PRNG key; ``P = N(0, 1) / sqrt(r)`` regenerated  one raw PRNG key (uint32)
               from it on every use (APOLLO)
 ============  =====================================================  ==========================
@@ -44,6 +45,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.fft  # the DCT refresh
 
 PROJECTORS = ("svd", "dct", "random")
 SIDES = ("left", "right")
@@ -145,11 +147,13 @@ def _dct(m: int, n: int, rank: int, side: str, dtype) -> Projector:
 
     def refresh(g, idx, key):
         del idx, key
-        q = dct_basis(size)
         g32 = g.astype(jnp.float32)
         # Column scores: l1 norm of each column of S = G Q (right) or row of S = Q^T G (left).
-        s = q.T @ g32 if side == "left" else g32 @ q
-        scores = jnp.sum(jnp.abs(s), axis=1 if side == "left" else 0)
+        # S is the orthonormal DCT-II of G's rows (right) or columns (left): an FFT, O(mn log k)
+        # instead of the O(mnk) matmul with the k x k basis, which is never built.
+        axis = 0 if side == "left" else 1
+        s = jax.scipy.fft.dct(g32, type=2, norm="ortho", axis=axis)
+        scores = jnp.sum(jnp.abs(s), axis=1 - axis)
         return jax.lax.top_k(scores, rank)[1].astype(jnp.int32)
 
     def basis(idx):

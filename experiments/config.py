@@ -394,12 +394,15 @@ def validate(config: Config) -> None:
     for o in config.optimizers:
         if o.learning_rate <= 0:
             raise ConfigError(f"optimizer {o.display_name}: learning_rate must be > 0")
+        if o.zo_shared_seed and o.name != "mezo":
+            raise ConfigError(f"optimizer {o.display_name}: zo_shared_seed applies to mezo only")
         if o.name == "mezo" and o.zo_shared_seed and config.mesh.fsdp != 1:
             raise ConfigError(f"optimizer {o.display_name}: zo_shared_seed replicates the "
                               f"parameters; set mesh.fsdp=1 (got {config.mesh.fsdp})")
-        if o.name == "mezo" and not (o.zo_eps > 0 and o.zo_samples >= 1):
-            raise ConfigError(f"optimizer {o.display_name}: zo_eps={o.zo_eps} must be > 0 and "
-                              f"zo_samples={o.zo_samples} >= 1")
+        if o.name == "mezo" and not (0 < o.zo_eps < float("inf") and isinstance(o.zo_samples, int)
+                                     and o.zo_samples >= 1):
+            raise ConfigError(f"optimizer {o.display_name}: zo_eps={o.zo_eps} must be a finite "
+                              f"number > 0 and zo_samples={o.zo_samples} an int >= 1")
         if o.name == "frugal" and not 0 < o.density <= 1:
             raise ConfigError(f"optimizer {o.display_name}: density={o.density} must be in (0, 1]")
         if o.name in LOW_RANK_RECIPES and o.rank >= min(config.model.d_model, config.model.ffn_dim):

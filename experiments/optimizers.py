@@ -1,11 +1,12 @@
 """Optimizers by name, with the GaLore-style learning-rate schedule, clipping and step skipping.
 
-Every optimizer is ``skip_nonfinite(chain(clip_by_global_norm, recipe(schedule)))``: a step with a
-non-finite gradient changes neither the parameters nor the state. A recipe is one function in
-:data:`RECIPES` from ``(OptimizerConfig, schedule)`` to an optax transform: adamw (optax) and the
-memjax recipes galore, fira, apollo, apollo_mini, frugal and q_galore with their authors' parameter
-names. Plug in another (e.g. mezo) by adding a function here and its name to
-:data:`experiments.config.OptimizerName`.
+Every gradient optimizer is ``skip_nonfinite(chain(clip_by_global_norm, recipe(schedule)))``: a
+step with a non-finite gradient changes neither the parameters nor the state. A recipe is one
+function in :data:`RECIPES` from ``(OptimizerConfig, schedule)`` to an optax transform: adamw
+(optax) and the memjax recipes galore, fira, apollo, apollo_mini, frugal and q_galore with their
+authors' parameter names. Plug in another by adding a function here and its name to
+:data:`experiments.config.OptimizerName`. ``mezo`` is zeroth order (:func:`mezo`,
+:func:`mezo_shared_seed`): no gradient, so no clipping; it skips non-finite steps itself.
 
 Parameters of the decoder LM carry a leading ``"layers"`` axis on the stacked blocks, so the
 low-rank recipes see each block's matrix as its own ``(d, f)`` matrix (one batch axis); the
@@ -106,15 +107,16 @@ def stacked_layer_axes(path: str, leaf) -> int:
     return 1 if path.startswith("blocks/") else 0
 
 
-def mezo(cfg: OptimizerConfig, lr: optax.Schedule) -> memjax.optim.ZerothOrderTransformation:
+def mezo(cfg: OptimizerConfig, lr: optax.Schedule,
+         chunk: int = memjax.optim.zeroth_order.CHUNK) -> memjax.optim.ZerothOrderTransformation:
     """MeZO with the perturbation applied inside the model's scan body (``at_use``).
 
     Not an optax transform: the trainer runs ``tx.step(loss, ...)``, forward passes only. Gradient
     clipping and the non-finite guard do not apply (a step with a non-finite loss is skipped by
-    :func:`memjax.optim.mezo` itself).
+    :func:`memjax.optim.mezo` itself). ``chunk`` is 0 on an FSDP mesh (sharded parameters).
     """
     return memjax.optim.mezo(lr, eps=cfg.zo_eps, n=cfg.zo_samples, weight_decay=cfg.weight_decay,
-                             stacked_axes=stacked_layer_axes, at_use=True)
+                             stacked_axes=stacked_layer_axes, at_use=True, chunk=chunk)
 
 
 class SharedSeedMezo(NamedTuple):
@@ -132,16 +134,20 @@ def mezo_shared_seed(cfg: OptimizerConfig, lr: optax.Schedule) -> SharedSeedMezo
         stacked_axes=stacked_layer_axes, at_use=True, batch_axis=1))
 
 
-def build(cfg: OptimizerConfig, schedule: ScheduleConfig) -> tuple[Any, optax.Schedule]:
+def build(cfg: OptimizerConfig, schedule: ScheduleConfig,
+          fsdp: int = 1) -> tuple[Any, optax.Schedule]:
     """The full optimizer of ``cfg`` and its learning-rate schedule (for logging).
 
     An optax transform (``skip_nonfinite(chain(clip, recipe))``), or for ``mezo`` a
     :class:`memjax.optim.ZerothOrderTransformation` (a :class:`SharedSeedMezo` with
-    ``zo_shared_seed``).
+    ``zo_shared_seed``). ``fsdp``: size of the mesh's fsdp axis (MeZO draws its noise unchunked
+    when the parameters are sharded).
     """
     lr = warmup_cosine(cfg.learning_rate, schedule)
+    if cfg.name == "mezo" and cfg.zo_shared_seed:
+        return mezo_shared_seed(cfg, lr), lr
     if cfg.name == "mezo":
-        return (mezo_shared_seed if cfg.zo_shared_seed else mezo)(cfg, lr), lr
+        return mezo(cfg, lr, 0 if fsdp > 1 else memjax.optim.zeroth_order.CHUNK), lr
     parts = [optax.clip_by_global_norm(schedule.clip_norm)] if schedule.clip_norm > 0 else []
     parts.append(RECIPES[cfg.name](cfg, lr))
     return memjax.optim.skip_nonfinite(optax.chain(*parts)), lr

@@ -121,6 +121,9 @@ def _load_replay_log(directory: pathlib.Path, start: int):
     """The shared-seed MeZO replay log of the first ``start`` steps (None when starting fresh)."""
     if not start:
         return None
+    if not (directory / REPLAY_LOG).is_file():
+        raise ConfigError(f"{directory / REPLAY_LOG} is missing: a shared-seed MeZO run cannot "
+                          "resume without its replay log")
     log = memjax.optim.ReplayLog.load(directory / REPLAY_LOG)
     if len(log) < start:
         raise ConfigError(f"{directory / REPLAY_LOG} has {len(log)} steps; the checkpoint is at "
@@ -173,7 +176,7 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
     if primary:
         _write_provenance(directory, config, optimizer, source.fingerprint, start)
 
-    tx, lr = optimizers.build(optimizer, s)
+    tx, lr = optimizers.build(optimizer, s, fsdp=mesh.shape.get("fsdp", 1))
     tr = trainer.build(lm_config(config), tx, lr, mesh=mesh, rules=config.mesh.rules,
                        seed=config.seed, micro_batch=d.batch_size // s.grad_accum,
                        grad_accum=s.grad_accum, seq_len=d.seq_len)

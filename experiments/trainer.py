@@ -165,18 +165,23 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
         params, opt_state, info = tx.step(zo_loss, state.params, state.opt_state, batch)
         params = jax.lax.with_sharding_constraint(params, param_sh)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        # grad_norm: the mean |projected gradient| of the SPSA samples; lr: the rate of the
+        # optimizer's own (applied-step) count, which the update used
         metrics = {"loss": info.loss, "grad_norm": jnp.mean(jnp.abs(info.scalars)),
-                   "lr": schedule(state.step), "skipped": info.skipped}
+                   "lr": schedule(state.opt_state.count), "skipped": info.skipped}
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
-    def shared_step(state: TrainState, batch: Batch):  # its only collective: an int8 all-gather
+    def shared_step(state: TrainState, batch: Batch):
+        # The update's only collective is the int8 all-gather of the codes; the logged loss (mean
+        # of the workers' losses) adds an all-reduce of one float32 scalar.
         params, opt_state, info = shared.step(state.params, state.opt_state, batch)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
         codec = memjax.optim.shared_seed.DEFAULT_CODEC
-        metrics = {"loss": jnp.mean(info.losses),
+        invalid = info.codes == memjax.optim.shared_seed.INVALID
+        metrics = {"loss": jnp.nanmean(info.losses),
                    "grad_norm": jnp.mean(jnp.abs(codec.decode(info.codes))),
-                   "lr": schedule(state.step),
-                   "skipped": jnp.all(info.codes == memjax.optim.shared_seed.INVALID),
+                   "lr": info.learning_rate,
+                   "skipped": jnp.all(invalid), "dropped_samples": jnp.sum(invalid),
                    # the replay-log entry of this step (see experiments.run)
                    "zo_key": info.step_key_data, "zo_codes": info.codes, "zo_lr": info.learning_rate}
         return TrainState(state.step + 1, params, opt_state, rng), metrics

@@ -326,7 +326,8 @@ class LM(nnx.Module):
         ``param_hook(name, params, layer) -> params``, if given, transforms the ``nnx.Param`` state
         of each part just before it is used: ``("embed", state, None)``, then for every layer
         ``("blocks", layer_state, l)`` inside the scan body (``layer_state`` is layer ``l``'s slice,
-        without the stacked axis, ``l`` an int32 scalar), then ``("final_norm", state, None)`` and
+        without the stacked axis, ``l`` an int32 scalar), then ``("final_norm", state, None)`` and,
+        unless the embeddings are tied (the head is then the hooked embedding),
         ``("lm_head", state, None)``. Zeroth-order training uses it to perturb each layer where it
         is used (:mod:`memjax.optim.zeroth_order`), so no perturbed copy of the stack is built.
         """

@@ -98,7 +98,7 @@ def worker_sample_keys(step_key: jax.Array, num_workers: int, n: int) -> jax.Arr
 
 def apply_codes(params: Any, step_key: jax.Array, codes: jax.Array, learning_rate: Any, *,
                 codec: OneByteCodec = DEFAULT_CODEC, weight_decay: float = 0.0, mask: Any = None,
-                stacked_axes: zo.StackedAxes = 0) -> Any:
+                stacked_axes: zo.StackedAxes = 0, chunk: int = zo.CHUNK) -> Any:
     """The update of one step from its key and the gathered (N, n) int8 codes (every worker runs
     exactly this, so does :func:`replay`)."""
     num_workers, n = codes.shape
@@ -106,7 +106,7 @@ def apply_codes(params: Any, step_key: jax.Array, codes: jax.Array, learning_rat
     flat = codes.reshape(-1)
     return zo.spsa_update(params, keys, codec.decode(flat), learning_rate,
                           weight_decay=weight_decay, mask=mask, stacked_axes=stacked_axes,
-                          valid=flat != INVALID)
+                          valid=flat != INVALID, chunk=chunk)
 
 
 class SharedSeedInfo(NamedTuple):
@@ -169,33 +169,40 @@ class ReplayLog(NamedTuple):
         return int(np.prod(self.codes.shape[1:]))
 
     def save(self, path) -> None:
-        """Writes the log as ``.npz``."""
-        np.savez(path, step_keys=self.step_keys, codes=self.codes, learning_rates=self.learning_rates)
+        """Writes the log to ``path`` (an ``.npz`` archive, whatever the file name)."""
+        with open(path, "wb") as f:
+            np.savez(f, step_keys=self.step_keys, codes=self.codes,
+                     learning_rates=self.learning_rates)
 
     @staticmethod
     def load(path) -> ReplayLog:
-        with np.load(path) as f:
+        """Reads a log written by :meth:`save`."""
+        with open(path, "rb") as fh, np.load(fh) as f:
             return ReplayLog(f["step_keys"], f["codes"], f["learning_rates"])
 
 
-def replay(initial_params: Any, log: ReplayLog, *, codec: OneByteCodec = DEFAULT_CODEC,
-           weight_decay: float = 0.0, mask: Any = None, stacked_axes: zo.StackedAxes = 0) -> Any:
-    """Rebuilds the parameters after ``len(log)`` steps from ``initial_params`` (bitwise on CPU).
+def replay(initial_params: Any, log: ReplayLog, *, weight_decay: float, stacked_axes: zo.StackedAxes,
+           mask: Any = None, codec: OneByteCodec = DEFAULT_CODEC, chunk: int = zo.CHUNK) -> Any:
+    """Rebuilds the parameters after ``len(log)`` steps from ``initial_params``.
 
-    Runs the same jitted update the training step runs (:func:`apply_codes`), one step at a time.
-    The keyword arguments must be those of the run (``SharedSeedZO.replay`` binds them).
+    Runs the update the training step runs (:func:`apply_codes`), one step at a time; on the same
+    backend the result is bit for bit the run's parameters (tested on CPU; another backend may
+    fuse the arithmetic differently). The log holds keys, codes and learning rates only: the
+    keyword arguments must be the run's, which is why ``weight_decay`` and ``stacked_axes`` have
+    no default; :attr:`SharedSeedZO.replay` binds them.
     """
-    update = _jitted_apply(codec, weight_decay, mask, stacked_axes)
+    update = _jitted_apply(codec, weight_decay, mask, stacked_axes, chunk)
     params = initial_params
     for t in range(len(log)):
         params = update(params, log.step_keys[t], log.codes[t], log.learning_rates[t])
     return params
 
 
-def _jitted_apply(codec, weight_decay, mask, stacked_axes):
+def _jitted_apply(codec, weight_decay, mask, stacked_axes, chunk):
     def update(params, key_data, codes, lr):
         return apply_codes(params, jax.random.wrap_key_data(key_data), codes, lr, codec=codec,
-                           weight_decay=weight_decay, mask=mask, stacked_axes=stacked_axes)
+                           weight_decay=weight_decay, mask=mask, stacked_axes=stacked_axes,
+                           chunk=chunk)
     return jax.jit(update)
 
 
@@ -203,7 +210,8 @@ def mezo_shared_seed(loss_fn: Callable, mesh: jax.sharding.Mesh, learning_rate: 
                      eps: float = 1e-3, n: int = 1, weight_decay: float = 0.0, *,
                      axis_name: str = "data", codec: OneByteCodec = DEFAULT_CODEC, seed: int = 0,
                      mask: Any = None, stacked_axes: zo.StackedAxes = 0,
-                     at_use: bool = False, batch_axis: int = 0) -> SharedSeedZO:
+                     at_use: bool = False, batch_axis: int = 0,
+                     chunk: int = zo.CHUNK) -> SharedSeedZO:
     """MeZO over a data axis with shared seeds and one-byte scalars (Zelikman et al. 2023).
 
     Worker ``k`` (index along ``axis_name``) estimates ``g_{k,j}`` on its shard of the batch with
@@ -214,7 +222,7 @@ def mezo_shared_seed(loss_fn: Callable, mesh: jax.sharding.Mesh, learning_rate: 
     Args:
       loss_fn: as for :func:`memjax.optim.zeroth_order.spsa_estimate` (per-shard batch).
       mesh: the device mesh; ``axis_name`` is the data axis, other axes must have size 1.
-      learning_rate, eps, n, weight_decay, seed, mask, stacked_axes, at_use: as for
+      learning_rate, eps, n, weight_decay, seed, mask, stacked_axes, at_use, chunk: as for
         :func:`memjax.optim.zeroth_order.mezo`.
       axis_name: the mesh axis the batch is split over.
       codec: the one-byte code of each scalar.
@@ -235,19 +243,19 @@ def mezo_shared_seed(loss_fn: Callable, mesh: jax.sharding.Mesh, learning_rate: 
                          f"{axis_name!r} must have size 1, got {others}")
     num_workers = mesh.shape[axis_name]
     base = zo.mezo(learning_rate, eps, n, weight_decay, seed=seed, mask=mask,
-                   stacked_axes=stacked_axes, at_use=at_use)
+                   stacked_axes=stacked_axes, at_use=at_use, chunk=chunk)
 
     def local(params, state, batch):
         step_key = zo.step_key(state)
         worker = jax.lax.axis_index(axis_name)
         est = zo.spsa_estimate(loss_fn, params, batch, jax.random.fold_in(step_key, worker), eps, n,
-                               stacked_axes=stacked_axes, at_use=at_use)
+                               stacked_axes=stacked_axes, at_use=at_use, chunk=chunk)
         scalars = jnp.where(est.finite, est.scalars, jnp.nan)  # a failed sample -> INVALID
         codes = jax.lax.all_gather(codec.encode(scalars), axis_name)  # (N, n) int8
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         lr = jnp.asarray(lr, jnp.float32)
         new = apply_codes(params, step_key, codes, lr, codec=codec, weight_decay=weight_decay,
-                          mask=mask, stacked_axes=stacked_axes)
+                          mask=mask, stacked_axes=stacked_axes, chunk=chunk)
         info = SharedSeedInfo(jnp.mean(est.losses)[None], codes, jax.random.key_data(step_key), lr)
         applied = jnp.any(codes != INVALID)  # else nothing changed: the state stays too
         count = jnp.where(applied, state.count + 1, state.count)
@@ -267,6 +275,6 @@ def mezo_shared_seed(loss_fn: Callable, mesh: jax.sharding.Mesh, learning_rate: 
 
     def replay_bound(initial_params, log):
         return replay(initial_params, log, codec=codec, weight_decay=weight_decay, mask=mask,
-                      stacked_axes=stacked_axes)
+                      stacked_axes=stacked_axes, chunk=chunk)
 
     return SharedSeedZO(init, step, replay_bound, num_workers)

@@ -30,7 +30,10 @@ Non-floating leaves (integer buffers) are never perturbed nor updated.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import numbers
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -50,17 +53,31 @@ DEFAULT_NO_DECAY = r"norm|bias|(^|/)ln[_0-9]*(/|$)"
 MeZO (no decay on biases and layer norms); 1-D leaves (after the stacked axes) never decay either."""
 
 
-class Noise(NamedTuple):
-    """A perturbation ``params + scale * z`` described by keys only.
+CHUNK = 1 << 16
+"""Default elements per noise chunk: a slice with more elements draws its ``z`` chunk by chunk
+(chunk ``c`` of its flattened view from ``fold_in(slice_key, c)``), so generating ``z`` for one
+slice never needs more than one chunk of random bits, however large the matrix. The chunk size is
+part of the definition of ``z``; ``chunk=0`` draws every slice whole, which is what sharded (FSDP)
+parameters need: chunking the flattened view of a sharded leaf would gather it."""
+
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["keys", "scale"],
+                   meta_fields=["chunk"])
+@dataclasses.dataclass(frozen=True)
+class Noise:
+    """A perturbation ``params + scale * z`` described by keys only (a pytree).
 
     Attributes:
       keys: pytree with the structure of the parameters; each leaf is a typed PRNG key array of
         shape ``leaf.shape[:stacked]`` (a scalar key for an unstacked leaf).
       scale: float32 scalar (``+eps`` or ``-eps``).
+      chunk: static; elements per noise chunk (:data:`CHUNK`; 0: no chunking).
     """
 
     keys: Any
     scale: jax.Array
+    chunk: int = CHUNK
 
 
 class SPSAEstimate(NamedTuple):
@@ -131,54 +148,49 @@ def noise_keys(params: Params, key: jax.Array, stacked_axes: StackedAxes = 0) ->
     return jax.tree.unflatten(treedef, keys)
 
 
-CHUNK = 1 << 16
-"""Elements per noise chunk: a slice with more elements draws its ``z`` chunk by chunk (chunk ``c``
-from ``fold_in(slice_key, c)``), so generating ``z`` never needs more than one chunk of random
-bits, however large the matrix."""
-
-
 def _chunk_noise(key: jax.Array, chunk: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
     if chunk is None:
         return jax.random.normal(key, shape, jnp.float32)
     return jax.random.normal(jax.random.fold_in(key, chunk), shape, jnp.float32)
 
 
-def _chunk_map(value: jax.Array, fn: Callable[[jax.Array, Any], jax.Array]) -> jax.Array:
-    """``fn(piece, chunk)`` over the flattened ``value`` in chunks of :data:`CHUNK` elements.
+def _chunk_map(value: jax.Array, fn: Callable[[jax.Array, Any], jax.Array], chunk: int) -> jax.Array:
+    """``fn(piece, index)`` over the flattened ``value`` in chunks of ``chunk`` elements.
 
-    A slice of at most ``CHUNK`` elements is one piece of its own shape with ``chunk=None``;
+    A slice of at most ``chunk`` elements (or any slice if ``chunk`` is 0) is one piece of its own
+    shape with ``index=None``;
     otherwise the flat slice is split into full chunks (a ``fori_loop`` writing in place) and a
     remainder, ``chunk`` being the chunk index.
     """
     size = value.size
-    if size <= CHUNK:
+    if not chunk or size <= chunk:
         return fn(value, None)
     flat = value.reshape(-1)
-    full, rem = divmod(size, CHUNK)
+    full, rem = divmod(size, chunk)
 
     def body(c, out):
-        start = c * CHUNK
-        piece = jax.lax.dynamic_slice_in_dim(out, start, CHUNK)
+        start = c * chunk
+        piece = jax.lax.dynamic_slice_in_dim(out, start, chunk)
         return jax.lax.dynamic_update_slice_in_dim(out, fn(piece, c), start, 0)
 
     flat = jax.lax.fori_loop(0, full, body, flat)
     if rem:
-        tail = fn(flat[full * CHUNK:], jnp.int32(full))
-        flat = jax.lax.dynamic_update_slice_in_dim(flat, tail, full * CHUNK, 0)
+        tail = fn(flat[full * chunk:], jnp.int32(full))
+        flat = jax.lax.dynamic_update_slice_in_dim(flat, tail, full * chunk, 0)
     return flat.reshape(value.shape)
 
 
-def _perturb_slice(value: jax.Array, key: jax.Array, scale: jax.Array) -> jax.Array:
+def _perturb_slice(value: jax.Array, key: jax.Array, scale: jax.Array, chunk: int) -> jax.Array:
     dtype = value.dtype
 
     def fn(piece, chunk):
         z = _chunk_noise(key, chunk, piece.shape)
         return (piece.astype(jnp.float32) + scale * z).astype(dtype)
 
-    return _chunk_map(value, fn)
+    return _chunk_map(value, fn, chunk)
 
 
-def perturb(value: jax.Array, keys: jax.Array, scale: jax.Array) -> jax.Array:
+def perturb(value: jax.Array, keys: jax.Array, scale: jax.Array, chunk: int = CHUNK) -> jax.Array:
     """``value + scale * z`` for one leaf (or one stacked slice with its slice of keys).
 
     ``keys`` has shape ``value.shape[:s]`` (``s`` stacked axes). Computed in float32 and cast back
@@ -187,21 +199,21 @@ def perturb(value: jax.Array, keys: jax.Array, scale: jax.Array) -> jax.Array:
     if not _is_float(value):
         return value
     if keys.ndim == 0:
-        return _perturb_slice(value, keys, scale)
+        return _perturb_slice(value, keys, scale, chunk)
     stack = keys.shape
     rows = value.reshape((-1,) + value.shape[len(stack):])
-    out = jax.vmap(lambda v, k: _perturb_slice(v, k, scale))(rows, keys.reshape(-1))
+    out = jax.vmap(lambda v, k: _perturb_slice(v, k, scale, chunk))(rows, keys.reshape(-1))
     return out.reshape(value.shape)
 
 
-def sample_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def sample_noise(keys: jax.Array, shape: tuple[int, ...], chunk: int = CHUNK) -> jax.Array:
     """``z`` (float32) for one leaf of ``shape`` from its key array (shape ``shape[:keys.ndim]``)."""
-    return perturb(jnp.zeros(shape, jnp.float32), keys, jnp.float32(1.0))
+    return perturb(jnp.zeros(shape, jnp.float32), keys, jnp.float32(1.0), chunk)
 
 
 def add_noise(params: Params, noise: Noise) -> Params:
     """``params + noise.scale * z`` for every leaf (materialises a perturbed copy of ``params``)."""
-    return jax.tree.map(lambda p, k: perturb(p, k, noise.scale), params, noise.keys)
+    return jax.tree.map(lambda p, k: perturb(p, k, noise.scale, noise.chunk), params, noise.keys)
 
 
 def param_hook(noise: Noise) -> Callable[[str, Any, Any], Any]:
@@ -221,8 +233,12 @@ def param_hook(noise: Noise) -> Callable[[str, Any, Any], Any]:
             raise ValueError(f"param_hook: part {name!r} has {len(values)} arrays but the noise has "
                              f"{len(keys)} keys; build the noise from the same parameter tree.")
         if layer is not None:
+            if any(k.ndim == 0 for k in keys):
+                raise ValueError(f"param_hook: part {name!r} is called per layer but its noise has no "
+                                 "stacked axis; build the noise with stacked_axes=1 for its leaves.")
             keys = [k[layer] for k in keys]
-        return jax.tree.unflatten(treedef, [perturb(v, k, noise.scale) for v, k in zip(values, keys)])
+        return jax.tree.unflatten(
+            treedef, [perturb(v, k, noise.scale, noise.chunk) for v, k in zip(values, keys)])
 
     return hook
 
@@ -240,7 +256,8 @@ def _scalar_loss(value: Any) -> jax.Array:
 
 
 def spsa_estimate(loss_fn: Callable, params: Params, batch: Any, key: jax.Array, eps: float,
-                  n: int = 1, *, stacked_axes: StackedAxes = 0, at_use: bool = False) -> SPSAEstimate:
+                  n: int = 1, *, stacked_axes: StackedAxes = 0, at_use: bool = False,
+                  chunk: int = CHUNK) -> SPSAEstimate:
     """n-SPSA estimate of the projected gradients (MeZO, Malladi et al. 2023, Algorithm 1).
 
     For each sample ``j < n`` with ``z_j`` from ``noise_keys(params, fold_in(key, j))``::
@@ -260,6 +277,7 @@ def spsa_estimate(loss_fn: Callable, params: Params, batch: Any, key: jax.Array,
       n: number of samples, >= 1.
       stacked_axes: leading stacked axes per leaf (:func:`resolve_stacked`).
       at_use: see ``loss_fn``.
+      chunk: elements per noise chunk (:data:`CHUNK`); 0 for sharded (FSDP) parameters.
 
     Returns:
       an :class:`SPSAEstimate`; the samples run one after the other (``lax.map``) so only one
@@ -268,7 +286,7 @@ def spsa_estimate(loss_fn: Callable, params: Params, batch: Any, key: jax.Array,
     _check_eps_n(eps, n)
 
     def loss_at(scale, keys):
-        noise = Noise(keys, jnp.asarray(scale, jnp.float32))
+        noise = Noise(keys, jnp.asarray(scale, jnp.float32), chunk)
         value = loss_fn(params, batch, noise) if at_use else loss_fn(add_noise(params, noise), batch)
         return _scalar_loss(value)
 
@@ -276,7 +294,8 @@ def spsa_estimate(loss_fn: Callable, params: Params, batch: Any, key: jax.Array,
         keys = noise_keys(params, sample_key(key, j), stacked_axes)
         plus = loss_at(eps, keys)
         minus = loss_at(-eps, keys)
-        return (plus - minus) / (2.0 * eps), 0.5 * (plus + minus), jnp.isfinite(plus) & jnp.isfinite(minus)
+        g = (plus - minus) / (2.0 * eps)
+        return g, 0.5 * (plus + minus), jnp.isfinite(plus) & jnp.isfinite(minus) & jnp.isfinite(g)
 
     scalars, losses, finite = jax.lax.map(one, jnp.arange(n))
     keys = jax.vmap(lambda j: jax.random.key_data(sample_key(key, j)))(jnp.arange(n))
@@ -284,9 +303,9 @@ def spsa_estimate(loss_fn: Callable, params: Params, batch: Any, key: jax.Array,
 
 
 def _check_eps_n(eps, n) -> None:
-    if not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+    if not isinstance(eps, numbers.Real) or not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite number > 0 (MeZO uses 1e-3), got {eps!r}")
-    if not isinstance(n, (int, np.integer)) or n < 1:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n (the number of SPSA samples) must be an int >= 1, got {n!r}")
 
 
@@ -305,12 +324,13 @@ def decay_mask(params: Params, stacked_axes: StackedAxes = 0,
 
 def spsa_update(params: Params, sample_keys: jax.Array, scalars: jax.Array, learning_rate: Any,
                 *, weight_decay: float = 0.0, mask: Any = None, stacked_axes: StackedAxes = 0,
-                valid: jax.Array | None = None) -> Params:
+                valid: jax.Array | None = None, chunk: int = CHUNK) -> Params:
     """Apply ``theta <- theta - lr (mean_k g_k z_k + wd mask theta)`` leaf by leaf.
 
     Args:
       params: parameter pytree.
-      sample_keys: (m,) typed keys ``k_k``; ``z_k`` is rebuilt from ``noise_keys(params, k_k)``.
+      sample_keys: (m,) typed keys ``k_k`` (``jax.random.wrap_key_data`` of
+        :attr:`SPSAEstimate.sample_keys`); ``z_k`` is rebuilt from ``noise_keys(params, k_k)``.
       scalars: (m,) float32 projected gradients ``g_k``.
       learning_rate: float or float scalar array.
       weight_decay: decoupled decay coefficient (MeZO: ``lr * wd * theta``).
@@ -319,6 +339,7 @@ def spsa_update(params: Params, sample_keys: jax.Array, scalars: jax.Array, lear
       valid: optional (m,) bools; invalid samples contribute nothing and the mean is over the
         valid ones. When no sample is valid, ``params`` are returned bit for bit unchanged
         (weight decay included).
+      chunk: elements per noise chunk; must be the one the estimate used.
 
     Returns:
       the updated parameters (same dtypes). Each leaf's update is one fused elementwise pass that
@@ -348,11 +369,11 @@ def spsa_update(params: Params, sample_keys: jax.Array, scalars: jax.Array, lear
             decay = weight_decay * jnp.asarray(decays, jnp.float32)
         else:
             decay = None
-        out.append(_update_leaf(p, s, leaf_keys, weights, step, decay))
+        out.append(_update_leaf(p, s, leaf_keys, weights, step, decay, chunk))
     return jax.tree.unflatten(treedef, out)
 
 
-def _update_leaf(p, stacked, leaf_keys, weights, step, decay):
+def _update_leaf(p, stacked, leaf_keys, weights, step, decay, chunk):
     """One leaf, slice by slice (in place in a ``fori_loop``) and chunk by chunk, so at most one
     chunk of ``z`` is ever live."""
     m = weights.shape[0]
@@ -375,7 +396,7 @@ def _update_leaf(p, stacked, leaf_keys, weights, step, decay):
                 direction = direction + decay * v32
             return (v32 - step * direction).astype(piece.dtype)
 
-        return _chunk_map(value, fn)
+        return _chunk_map(value, fn, chunk)
 
     if stacked == 0:
         return new_slice(p, lambda k: leaf_keys[k])
@@ -409,7 +430,7 @@ class StepInfo(NamedTuple):
 
     Attributes:
       loss: float32 scalar, mean of ``(L+ + L-) / 2`` over the samples.
-      scalars: (m,) float32 projected gradients used by the update.
+      scalars: (n,) float32 projected gradients used by the update (0 when skipped).
       skipped: bool scalar, True when a non-finite loss made the step a no-op on the parameters.
       step_key_data: (2,) uint32, the step key (for a replay log).
     """
@@ -439,7 +460,8 @@ def step_key(state: ZerothOrderState) -> jax.Array:
 
 def mezo(learning_rate: float | optax.Schedule, eps: float = 1e-3, n: int = 1,
          weight_decay: float = 0.0, *, seed: int = 0, mask: Any = None,
-         stacked_axes: StackedAxes = 0, at_use: bool = False) -> ZerothOrderTransformation:
+         stacked_axes: StackedAxes = 0, at_use: bool = False,
+         chunk: int = CHUNK) -> ZerothOrderTransformation:
     """MeZO: memory-efficient zeroth-order SGD (Malladi et al. 2023, arXiv 2305.17333).
 
     One step::
@@ -462,15 +484,18 @@ def mezo(learning_rate: float | optax.Schedule, eps: float = 1e-3, n: int = 1,
       stacked_axes: leading stacked axes per leaf (e.g. 1 for a scan-over-layers stack).
       at_use: ``loss_fn(params, batch, noise)`` perturbs at the point of use (see
         :func:`spsa_estimate`).
+      chunk: elements per noise chunk (:data:`CHUNK`); 0 for sharded (FSDP) parameters.
 
     Returns:
       a :class:`ZerothOrderTransformation`.
     """
     _check_eps_n(eps, n)
-    if not callable(learning_rate) and not (isinstance(learning_rate, (int, float))
+    if not callable(learning_rate) and not (isinstance(learning_rate, numbers.Real)
                                             and learning_rate >= 0):
         raise ValueError(f"learning_rate must be a number >= 0 or a schedule, got {learning_rate!r}")
-    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+    if not isinstance(chunk, (int, np.integer)) or chunk < 0:
+        raise ValueError(f"chunk must be an int >= 0 (0: no chunking), got {chunk!r}")
+    if not isinstance(weight_decay, numbers.Real) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
 
     def init(params):
@@ -481,12 +506,12 @@ def mezo(learning_rate: float | optax.Schedule, eps: float = 1e-3, n: int = 1,
     def step(loss_fn, params, state, batch):
         key = step_key(state)
         est = spsa_estimate(loss_fn, params, batch, key, eps, n, stacked_axes=stacked_axes,
-                            at_use=at_use)
+                            at_use=at_use, chunk=chunk)
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         keys = jax.random.wrap_key_data(est.sample_keys)
         valid = jnp.broadcast_to(est.finite, (n,))
         new = spsa_update(params, keys, est.scalars, lr, weight_decay=weight_decay,
-                          mask=mask, stacked_axes=stacked_axes, valid=valid)
+                          mask=mask, stacked_axes=stacked_axes, valid=valid, chunk=chunk)
         info = StepInfo(jnp.mean(est.losses), jnp.where(valid, est.scalars, 0.0),
                         ~est.finite, jax.random.key_data(key))
         count = jnp.where(est.finite, state.count + 1, state.count)

@@ -178,3 +178,12 @@ def test_two_processes_end_bit_identical(tmp_path):
         assert p.returncode == 0, out[-3000:]
     digests = [re.findall(r"DIGEST (\w+) 4", out) for out in outs]
     assert digests[0] and digests[0] == digests[1], outs
+
+
+def test_replay_of_a_step_where_every_worker_failed_changes_nothing():
+    params, _ = _problem()
+    log = ss.ReplayLog(np.zeros((1, 2), np.uint32), np.full((1, 8, 1), ss.INVALID, np.int8),
+                       np.ones((1,), np.float32))
+    out = ss.replay(params, log, weight_decay=0.5, stacked_axes=STACKED)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), b)

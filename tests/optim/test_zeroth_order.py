@@ -205,3 +205,70 @@ def test_bad_input():
     opt = zo.mezo(1e-3)
     with pytest.raises(ValueError, match="scalar"):
         opt.step(lambda p, b: jnp.ones(3), params, opt.init(params), batch)
+
+
+def test_many_samples_update_matches_the_formula():
+    """m > 8 samples take the fori_loop branch of the update."""
+    params = {"w": jnp.linspace(-1, 1, 12, dtype=jnp.float32).reshape(3, 4)}
+    keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.key(4), j))(jnp.arange(11))
+    g = jnp.linspace(-2.0, 3.0, 11)
+    new = jax.jit(lambda p: zo.spsa_update(p, keys, g, 0.1))(params)
+    zs = [zo.sample_noise(zo.noise_keys(params, keys[j])["w"], (3, 4)) for j in range(11)]
+    expect = params["w"] - 0.1 * sum(g[j] * zs[j] for j in range(11)) / 11
+    np.testing.assert_allclose(new["w"], expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 1000])
+def test_perturbation_and_update_agree_on_stacked_chunked_leaves(chunk):
+    """z of a stacked leaf larger than a chunk: add_noise, the per-layer hook and the update all
+    regenerate the same z (the update with lr 1 and g = 1 subtracts exactly z)."""
+    params = {"blocks": {"w": jnp.zeros((3, 40, 60))}, "head": jnp.zeros((50, 70))}
+    stacked = {"blocks": {"w": 1}, "head": 0}
+    key = jax.random.key(9)
+    keys = zo.noise_keys(params, key, stacked)
+    noise = zo.Noise(keys, jnp.float32(1.0), chunk)
+    z = zo.add_noise(params, noise)
+    hook = zo.param_hook(noise)
+    for layer in range(3):
+        np.testing.assert_array_equal(hook("blocks", {"w": params["blocks"]["w"][layer]}, layer)["w"],
+                                      z["blocks"]["w"][layer])
+    new = zo.spsa_update(params, key[None], jnp.ones((1,)), 1.0, stacked_axes=stacked, chunk=chunk)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(z)):
+        np.testing.assert_array_equal(a, -b)
+    if chunk:  # chunking changes z's definition, not its distribution
+        other = zo.add_noise(params, zo.Noise(keys, jnp.float32(1.0), 0))
+        assert not np.array_equal(other["head"], z["head"])
+        assert abs(float(jnp.std(z["head"])) - 1) < 0.05
+
+
+def test_overflowing_difference_with_finite_losses_is_skipped():
+    params = {"w": jnp.ones((4,))}
+    loss = lambda p, _: jnp.where(p["w"][0] > 1.0, 3e38, -3e38)  # finite, but g overflows
+    est = zo.spsa_estimate(loss, params, None, jax.random.key(0), eps=1e-3)
+    assert not bool(est.finite)
+    opt = zo.mezo(0.1)
+    new, state, info = opt.step(loss, params, opt.init(params), None)
+    assert bool(info.skipped) and int(state.count) == 0
+    np.testing.assert_array_equal(new["w"], params["w"])
+
+
+def test_spsa_estimate_rejects_bad_eps_and_n():
+    params, batch = _problem()
+    for kwargs, match in (({"eps": -1.0}, "eps"), ({"eps": float("nan")}, "eps"),
+                          ({"eps": 1e-3, "n": 0}, "n "), ({"eps": 1e-3, "n": True}, "n ")):
+        with pytest.raises(ValueError, match=match):
+            zo.spsa_estimate(_loss, params, batch, jax.random.key(0), **kwargs)
+    with pytest.raises(ValueError, match="chunk"):
+        zo.mezo(1e-3, chunk=-1)
+    zo.mezo(np.float32(1e-3), eps=np.float64(1e-3))  # numpy scalars are numbers
+
+
+def test_unchunked_noise_keeps_sharded_leaves_sharded():
+    """chunk=0 (what FSDP needs): the update of a sharded leaf compiles without a collective."""
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+    params = {"w": jax.device_put(jnp.zeros((512, 256)), sharding)}
+    keys = jax.random.key(0)[None]
+    hlo = jax.jit(lambda p: zo.spsa_update(p, keys, jnp.ones((1,)), 0.1, chunk=0)).lower(
+        params).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" not in hlo

@@ -61,7 +61,7 @@ def plot(runs: dict[str, pathlib.Path], rows: list[dict], out_dir: pathlib.Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, (label, directory) in enumerate(runs.items()):
         records = metrics.read(directory / "metrics.jsonl")
         train = [r for r in records if r["split"] == "train"]
@@ -70,27 +70,30 @@ def plot(runs: dict[str, pathlib.Path], rows: list[dict], out_dir: pathlib.Path)
         if train:
             window = max(1, len(train) // 30)
             ax.plot([r["step"] for r in train], _smooth([r["loss"] for r in train], window),
-                    color=color, alpha=0.6, label=f"{label} train")
+                    color=color, alpha=0.6, label=None if val else label)
         if val:
             ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o--", color=color,
-                    label=f"{label} validation")
+                    label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
+    ax.set_title("solid: train loss (smoothed); dashed: validation loss", fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
     loss_png = out_dir / "loss.png"
     fig.savefig(loss_png, dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.1 * len(rows)), 4.2))
     labels = [r["optimizer"] for r in rows]
     colors = [f"C{i}" for i in range(len(rows))]
     for ax, key, title in ((axes[0], "opt_state_mb", "optimizer state (MB)"),
                            (axes[1], "step_memory_mb", "compiled step memory (MB / device)")):
         ax.bar(labels, [r[key] for r in rows], color=colors)
         ax.set_title(title)
-        ax.tick_params(axis="x", rotation=20)
+        ax.tick_params(axis="x", rotation=40)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     memory_png = out_dir / "memory.png"

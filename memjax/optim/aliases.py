@@ -518,30 +518,37 @@ def _scale_by_active_blocks(num_active: int, order: str, update_gap: int, b1, b2
         t = count.astype(jnp.float32)
         bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
 
+        # Read every matrix's band first, then write the new bands in one chain of in-place
+        # updates: the barrier orders all reads before the first write, so each buffer in the
+        # chain has a single user and XLA updates it in place (interleaving reads and writes, or
+        # a lax.cond per matrix, made XLA copy both whole buffers for every matrix).
+        bands = [int(c) for c in cols]
+        offs = [jnp.minimum(offsets[k], width - bands[k]) for k in range(num)]
+        olds = [(jax.lax.dynamic_slice(mu, (0, offs[k]), (rows, bands[k])),
+                 jax.lax.dynamic_slice(nu, (0, offs[k]), (rows, bands[k]))) for k in range(num)]
+        olds, mu, nu = jax.lax.optimization_barrier((olds, mu, nu))
         out = list(leaves)
         for k, i in enumerate(idx):
-            g = leaves[i]
-            band = int(cols[k])
-            off = jnp.minimum(offsets[k], width - band)
-
-            def adam(g, mu, nu, off=off, band=band):
-                g32 = g.astype(jnp.float32).reshape(rows, band)
-                m = b1 * jax.lax.dynamic_slice(mu, (0, off), (rows, band)) + (1.0 - b1) * g32
-                v = b2 * jax.lax.dynamic_slice(nu, (0, off), (rows, band)) + (1.0 - b2) * g32 * g32
-                u = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
-                return (u.reshape(g.shape).astype(g.dtype),
-                        jax.lax.dynamic_update_slice(mu, m, (0, off)),
-                        jax.lax.dynamic_update_slice(nu, v, (0, off)))
-
-            def free(g, mu, nu):
-                if free_mode == "none":
-                    u = jnp.zeros_like(g)
-                else:
-                    u = jnp.sign(g) if free_mode == "sign" else g
-                    u = (free_lr * u.astype(jnp.float32)).astype(g.dtype)
-                return u, mu, nu
-
-            out[i], mu, nu = jax.lax.cond(active[k], adam, free, g, mu, nu)
+            g, on = leaves[i], active[k]
+            m_old, v_old = olds[k]
+            g32 = g.astype(jnp.float32).reshape(rows, bands[k])
+            m = b1 * m_old + (1.0 - b1) * g32
+            v = b2 * v_old + (1.0 - b2) * g32 * g32
+            u_adam = ((m / bc1) / (jnp.sqrt(v / bc2) + eps)).reshape(g.shape).astype(g.dtype)
+            if free_mode == "none":
+                u_free = jnp.zeros_like(g)
+            else:
+                u_free = jnp.sign(g) if free_mode == "sign" else g
+                u_free = (free_lr * u_free.astype(jnp.float32)).astype(g.dtype)
+            out[i] = jnp.where(on, u_adam, u_free)
+            # An inactive matrix's band may overlap active ones: it writes nothing (a zero-width
+            # update is impossible, so it writes back what the chain holds there now).
+            mu = jax.lax.dynamic_update_slice(
+                mu, jnp.where(on, m, jax.lax.dynamic_slice(mu, (0, offs[k]), (rows, bands[k]))),
+                (0, offs[k]))
+            nu = jax.lax.dynamic_update_slice(
+                nu, jnp.where(on, v, jax.lax.dynamic_slice(nu, (0, offs[k]), (rows, bands[k]))),
+                (0, offs[k]))
         new_state = BlockState(optax.safe_increment(state.step), count, mu, nu)
         return treedef.unflatten(out), new_state
 

@@ -17,9 +17,10 @@ import pathlib
 import time
 
 import jax
-import memjax
+import numpy as np
 from tqdm import tqdm
 
+import memjax
 from experiments import checkpointing, metrics, optimizers, provenance, trainer
 from experiments.config import (Config, ConfigError, OptimizerConfig, fingerprint_differences,
                                 resume_fingerprint, to_json_dict)
@@ -124,7 +125,7 @@ def _load_replay_log(directory: pathlib.Path, start: int):
     if not (directory / REPLAY_LOG).is_file():
         raise ConfigError(f"{directory / REPLAY_LOG} is missing: a shared-seed MeZO run cannot "
                           "resume without its replay log")
-    log = memjax.optim.ReplayLog.load(directory / REPLAY_LOG)
+    log = load_replay_log(directory / REPLAY_LOG)
     if len(log) < start:
         raise ConfigError(f"{directory / REPLAY_LOG} has {len(log)} steps; the checkpoint is at "
                           f"step {start}")
@@ -137,11 +138,19 @@ def _append_replay(log, entry):
     return log.append(entry)
 
 
-def _save_replay_log(directory: pathlib.Path, log) -> None:
-    """Atomically (write, then rename) saves the replay log next to the checkpoints."""
-    tmp = directory / ("tmp-" + REPLAY_LOG)
-    log.save(tmp)
-    os.replace(tmp, directory / REPLAY_LOG)
+def save_replay_log(path: pathlib.Path, log) -> None:
+    """Writes a :class:`memjax.optim.ReplayLog` as an ``.npz`` archive, atomically (a temporary
+    file, then a rename)."""
+    tmp = path.with_name("tmp-" + path.name)
+    with open(tmp, "wb") as f:
+        np.savez(f, **log._asdict())
+    os.replace(tmp, path)
+
+
+def load_replay_log(path: pathlib.Path):
+    """The :class:`memjax.optim.ReplayLog` written by :func:`save_replay_log`."""
+    with np.load(path) as f:
+        return memjax.optim.ReplayLog(**{name: f[name] for name in memjax.optim.ReplayLog._fields})
 
 
 def _train_records(host: list[dict], last_step: int, step_time: float, tokens_per_step: int,
@@ -226,7 +235,7 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
                 metrics.append(metrics_path, records)
             if ckpt_due:
                 if shared_seed and primary:  # written before the checkpoint starts
-                    _save_replay_log(directory, replay_log)
+                    save_replay_log(directory / REPLAY_LOG, replay_log)
                 checkpointing.save(mngr, done, state, {
                     "data": dataclasses.asdict(batches.state), "fingerprint": fingerprint,
                     "data_fingerprint": source.fingerprint})

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.kernels.combiner.ops import MODES, combiner_attention
-from memjax.models.layers import head_kernel
+from memjax.models.layers import project_out, project_qkv, qkvo_kernels
 
 __all__ = ["CombinerAttention"]
 
@@ -70,21 +70,13 @@ class CombinerAttention(nnx.Module):
         self.block_size = block_size
         self.causal = causal
         self.dtype = dtype
-        heads = (d_model, num_heads, self.head_dim)
-        self.q_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.k_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.v_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.o_proj = head_kernel(
-            rngs, (num_heads, self.head_dim, d_model), ("heads", "kv", "embed"), param_dtype
-        )
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = qkvo_kernels(
+            rngs, d_model, num_heads, param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, L, d_model) -> (B, L, d_model)."""
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
-        q, k, v = (
-            jnp.einsum("bld,dhk->blhk", x, proj[...].astype(dtype))
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        q, k, v = project_qkv(x, (self.q_proj, self.k_proj, self.v_proj), dtype)
         o = combiner_attention(q, k, v, block_size=self.block_size, mode=self.mode, causal=self.causal)
-        return jnp.einsum("blhk,hkd->bld", o, self.o_proj[...].astype(dtype))
+        return project_out(o, self.o_proj, dtype)

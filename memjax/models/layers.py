@@ -44,6 +44,27 @@ def head_kernel(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None
     return nnx.Param(partitioned(_normal(), names)(rngs.params(), tuple(shape), param_dtype))
 
 
+def qkvo_kernels(rngs: nnx.Rngs, d_model: int, num_heads: int,
+                 param_dtype: Any = jnp.float32) -> tuple[nnx.Param, nnx.Param, nnx.Param, nnx.Param]:
+    """The q, k, v kernels ``(d_model, heads, head_dim)`` and the output kernel
+    ``(heads, head_dim, d_model)`` of a multi-head mixer (:func:`head_kernel`)."""
+    head_dim = d_model // num_heads
+    q, k, v = (head_kernel(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "kv"),
+                           param_dtype) for _ in range(3))
+    o = head_kernel(rngs, (num_heads, head_dim, d_model), ("heads", "kv", "embed"), param_dtype)
+    return q, k, v, o
+
+
+def project_qkv(x: jax.Array, kernels: Sequence[nnx.Param], dtype: Any) -> tuple[jax.Array, ...]:
+    """(B, L, d_model) -> q, k, v, each (B, L, heads, head_dim), computed in ``dtype``."""
+    return tuple(jnp.einsum("bld,dhk->blhk", x, w[...].astype(dtype)) for w in kernels)
+
+
+def project_out(o: jax.Array, kernel: nnx.Param, dtype: Any) -> jax.Array:
+    """(B, L, heads, head_dim) -> (B, L, d_model) with the output kernel, in ``dtype``."""
+    return jnp.einsum("blhk,hkd->bld", o, kernel[...].astype(dtype))
+
+
 def _normal(std: float = DEFAULT_INIT_STD) -> Any:
     return nnx.initializers.normal(stddev=std)
 

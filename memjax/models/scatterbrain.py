@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.kernels.scatterbrain.ops import gaussian_projection, lsh_rotations, scatterbrain_attention
-from memjax.models.layers import head_kernel
+from memjax.models.layers import project_out, project_qkv, qkvo_kernels
 
 __all__ = ["RandomFeatures", "ScatterbrainAttention"]
 
@@ -95,13 +95,8 @@ class ScatterbrainAttention(nnx.Module):
         self.lsh_chunk_size = lsh_chunk_size
         self.causal = causal
         self.dtype = dtype
-        heads = (d_model, num_heads, self.head_dim)
-        self.q_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.k_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.v_proj = head_kernel(rngs, heads, ("embed", "heads", "kv"), param_dtype)
-        self.o_proj = head_kernel(
-            rngs, (num_heads, self.head_dim, d_model), ("heads", "kv", "embed"), param_dtype
-        )
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = qkvo_kernels(
+            rngs, d_model, num_heads, param_dtype)
         self.projection = RandomFeatures(
             gaussian_projection(rngs.params(), num_features, self.head_dim, orthogonal=orthogonal)
         )
@@ -115,10 +110,7 @@ class ScatterbrainAttention(nnx.Module):
         """(B, L, d_model) -> (B, L, d_model)."""
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
-        q, k, v = (
-            jnp.einsum("bld,dhk->blhk", x, proj[...].astype(dtype))
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        q, k, v = project_qkv(x, (self.q_proj, self.k_proj, self.v_proj), dtype)
         o = scatterbrain_attention(
             q,
             k,
@@ -130,4 +122,4 @@ class ScatterbrainAttention(nnx.Module):
             lsh_chunk_size=self.lsh_chunk_size,
             causal=self.causal,
         )
-        return jnp.einsum("blhk,hkd->bld", o, self.o_proj[...].astype(dtype))
+        return project_out(o, self.o_proj, dtype)

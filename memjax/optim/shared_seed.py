@@ -168,18 +168,6 @@ class ReplayLog(NamedTuple):
         """Bytes that crossed the network per step (the gathered codes)."""
         return int(np.prod(self.codes.shape[1:]))
 
-    def save(self, path) -> None:
-        """Writes the log to ``path`` (an ``.npz`` archive, whatever the file name)."""
-        with open(path, "wb") as f:
-            np.savez(f, step_keys=self.step_keys, codes=self.codes,
-                     learning_rates=self.learning_rates)
-
-    @staticmethod
-    def load(path) -> ReplayLog:
-        """Reads a log written by :meth:`save`."""
-        with open(path, "rb") as fh, np.load(fh) as f:
-            return ReplayLog(f["step_keys"], f["codes"], f["learning_rates"])
-
 
 def replay(initial_params: Any, log: ReplayLog, *, weight_decay: float, stacked_axes: zo.StackedAxes,
            mask: Any = None, codec: OneByteCodec = DEFAULT_CODEC, chunk: int = zo.CHUNK) -> Any:

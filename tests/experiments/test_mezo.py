@@ -6,7 +6,6 @@ import json
 import jax
 import numpy as np
 
-import memjax
 from experiments import configs, metrics, optimizers, run, trainer
 from experiments.config import (
     CheckpointConfig,
@@ -78,9 +77,9 @@ def test_shared_seed_mezo_resumes_exactly_and_a_worker_joins_by_replay(tmp_path)
         [(r["step"], r["split"], r["loss"]) for r in expected]
 
     directory = run.run_dir(straight, shared)
-    log = memjax.optim.ReplayLog.load(directory / "replay_log.npz")
+    log = run.load_replay_log(directory / "replay_log.npz")
     assert len(log) == STEPS and log.codes.shape == (STEPS, 8, 1)
-    resumed_log = memjax.optim.ReplayLog.load(run.run_dir(stopped, shared) / "replay_log.npz")
+    resumed_log = run.load_replay_log(run.run_dir(stopped, shared) / "replay_log.npz")
     for a, b in zip(log, resumed_log):
         np.testing.assert_array_equal(a, b)
     # a new worker: the initial parameters (from the seed) + the log = the trained parameters

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memjax.kernels._common import check_qkv
 from memjax.kernels.combiner.reference import default_block_size
 
 __all__ = ["MODES", "combiner_attention"]
@@ -40,19 +41,7 @@ _MASKED = -1e30  # finite "minus infinity": masked logits give exp(.) = 0 withou
 
 def _check_args(q, k, v, block_size, mode) -> None:
     """Raise ``ValueError`` naming the offending argument."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.ndim(x) != 4:
-            raise ValueError(
-                f"{name} must have shape (batch, length, heads, head_dim), got {jnp.shape(x)}"
-            )
-    if not (q.shape[:3] == k.shape[:3] == v.shape[:3]):
-        raise ValueError(
-            f"q, k, v must agree on (batch, length, heads), got {q.shape}, {k.shape}, {v.shape}"
-        )
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
-    if q.shape[1] < 1:
-        raise ValueError("q, k, v: length must be at least 1")
+    check_qkv(q, k, v)
     if block_size is not None and (
         isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1
     ):

@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from memjax.kernels._common import default_backend, next_power_of_two, round_up
+
 __all__ = ["BACKENDS", "default_backend", "linear_attention_pallas"]
 
 Backend = Literal["triton", "tpu"]
@@ -76,19 +78,6 @@ class _Config(NamedTuple):
     block_v: int
     num_warps: int | None
     num_stages: int | None
-
-
-def default_backend() -> str:
-    """The kernel style for JAX's default backend: "tpu" on TPU, else "triton"."""
-    return "tpu" if jax.default_backend() == "tpu" else "triton"
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,12 +413,12 @@ _linear_attention_core.defvjp(_core_fwd, _core_bwd)
 def _tiles(backend: str, length: int, d_k: int, d_v: int, chunk_size: int, block_v: int | None):
     """(chunk, num_chunks, d_k padded, d_v padded, block_v) satisfying the backend's tile rules."""
     if backend == "triton":
-        chunk = min(_next_power_of_two(max(chunk_size, 16)), _next_power_of_two(max(length, 16)))
-        d_k_p, d_v_p = (_next_power_of_two(max(d, 16)) for d in (d_k, d_v))
-        block = min(_next_power_of_two(block_v or DEFAULT_BLOCK_V["triton"]), d_v_p)
+        chunk = min(next_power_of_two(max(chunk_size, 16)), next_power_of_two(max(length, 16)))
+        d_k_p, d_v_p = (next_power_of_two(max(d, 16)) for d in (d_k, d_v))
+        block = min(next_power_of_two(block_v or DEFAULT_BLOCK_V["triton"]), d_v_p)
         block = max(block, 16)
     else:
-        chunk = min(_round_up(chunk_size, 8), _round_up(length, 8))
+        chunk = min(round_up(chunk_size, 8), round_up(length, 8))
         d_k_p, d_v_p = d_k, d_v
         block = block_v or DEFAULT_BLOCK_V["tpu"]
         if block >= d_v or d_v % block:

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memjax.kernels._common import check_qkv
 from memjax.kernels.scatterbrain.reference import default_chunk_size, log_features, lsh_hash
 
 __all__ = ["gaussian_projection", "lsh_rotations", "scatterbrain_attention"]
@@ -110,19 +111,7 @@ def _check_buckets(num_buckets) -> None:
 
 def _check_args(q, k, v, projection, window, lsh_buckets, rotations, lsh_chunk_size) -> None:
     """Raise ``ValueError`` naming the offending argument."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.ndim(x) != 4:
-            raise ValueError(
-                f"{name} must have shape (batch, length, heads, head_dim), got {jnp.shape(x)}"
-            )
-    if not (q.shape[:3] == k.shape[:3] == v.shape[:3]):
-        raise ValueError(
-            f"q, k, v must agree on (batch, length, heads), got {q.shape}, {k.shape}, {v.shape}"
-        )
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
-    if q.shape[1] < 1:
-        raise ValueError("q, k, v: length must be at least 1")
+    check_qkv(q, k, v)
     if projection is not None and (jnp.ndim(projection) != 2 or projection.shape[1] != q.shape[3]):
         raise ValueError(
             f"projection must have shape (num_features, {q.shape[3]}), got {jnp.shape(projection)}"

@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from memjax.kernels._common import default_backend, next_power_of_two, round_up
+
 __all__ = ["BACKENDS", "default_backend", "selective_scan_pallas"]
 
 Backend = Literal["triton", "tpu"]
@@ -78,19 +80,6 @@ class _Config(NamedTuple):
     save_states: bool  # forward: also write the chunk-entry states (needed by the backward)
     num_warps: int | None
     num_stages: int | None
-
-
-def default_backend() -> str:
-    """The kernel style for JAX's default backend: "tpu" on TPU, else "triton"."""
-    return "tpu" if jax.default_backend() == "tpu" else "triton"
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _sigmoid(x):
@@ -511,12 +500,12 @@ def _layout(backend: str, length: int, channels: int, n_state: int, chunk_size, 
     chunk = chunk_size or DEFAULT_CHUNK_SIZE[backend]
     if backend == "triton":
         chunk = min(chunk, length)
-        block = min(_next_power_of_two(block_d or DEFAULT_BLOCK_D["triton"]),
-                    _next_power_of_two(channels))
-        channels_p = _round_up(channels, block)
-        n_state_p = _next_power_of_two(n_state)
+        block = min(next_power_of_two(block_d or DEFAULT_BLOCK_D["triton"]),
+                    next_power_of_two(channels))
+        channels_p = round_up(channels, block)
+        n_state_p = next_power_of_two(n_state)
     else:
-        chunk = min(_round_up(chunk, 8), _round_up(length, 8))
+        chunk = min(round_up(chunk, 8), round_up(length, 8))
         block = block_d or DEFAULT_BLOCK_D["tpu"]
         if block >= channels or channels % block or block % 128:
             if block_d is not None and block_d < channels:

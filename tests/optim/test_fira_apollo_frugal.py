@@ -61,16 +61,24 @@ def _params():
     return p
 
 
+def _jitted_step(tx):
+    """``(params, state, grads) -> (params, state)``, one optimizer step, jitted."""
+
+    @jax.jit
+    def step(params, state, g):
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
 def _run(tx, refs, observe=None, grads_seed=1):
     """Steps memjax and the references together; ``observe(state, t)`` runs after memjax's step."""
     p0 = _params()
     params = jax.tree.map(jnp.asarray, p0)
     state = tx.init(params)
 
-    @jax.jit
-    def step(params, state, g):
-        updates, state = tx.update(g, state, params)
-        return optax.apply_updates(params, updates), state
+    step = _jitted_step(tx)
 
     w = {k: v.astype(np.float64) for k, v in p0.items()}
     for t, g in enumerate(_grads(grads_seed)):
@@ -336,10 +344,7 @@ def test_frugal_block_matches_numpy_reference(order):
     params = jax.tree.map(jnp.asarray, p0)
     state = tx.init(params)
 
-    @jax.jit
-    def step(params, state, g):
-        updates, state = tx.update(g, state, params)
-        return optax.apply_updates(params, updates), state
+    step = _jitted_step(tx)
 
     w = {k: v.astype(np.float64) for k, v in p0.items()}
     active_history = []

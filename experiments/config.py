@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from typing import Any, Literal
 
 OptimizerName = Literal["adamw", "galore", "fira", "apollo", "apollo_mini", "frugal", "q_galore",
@@ -327,6 +328,46 @@ class Config:
 # Sections that must match for a checkpoint to be resumed exactly (mesh, eval, checkpoint and
 # log settings may change between a run and its resumption).
 RESUME_SECTIONS = ("seed", "model", "data", "schedule")
+
+
+def from_json_dict(cls: type, data: dict) -> Any:
+    """The dataclass ``cls`` built from :func:`to_json_dict` output (nested dataclasses and tuples
+    restored from their JSON types).
+
+    Raises:
+      ConfigError: a key that is not a field of ``cls``.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {unknown}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _from_json(hints[name], value) for name, value in data.items()})
+
+
+def _from_json(tp: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_json_dict(tp, value)
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(args[0], v) for v in value)
+        return tuple(_from_json(a, v) for a, v in zip(args, value))
+    return value
+
+
+def run_config(path: str) -> Config:
+    """The config of one saved run (its ``config.json``): the experiment with only that run's
+    optimizer. Training it again reproduces the run's metrics exactly on CPU."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read the run config {path}: {err}") from None
+    if not isinstance(data, dict) or "optimizer" not in data:
+        raise ConfigError(f"{path} is not a run's config.json (no 'optimizer' entry)")
+    optimizer = from_json_dict(OptimizerConfig, data.pop("optimizer"))
+    return dataclasses.replace(from_json_dict(Config, data), optimizers=(optimizer,), select=())
 
 
 def to_json_dict(config: Any) -> dict:

@@ -4,7 +4,9 @@ With no arguments it runs the ``default`` experiment (a tiny LLaMA-style byte LM
 stdlib corpus, AdamW and GaLore side by side), prints a table and writes plots under
 ``runs/default/``. ``--config sweep`` adds GaLore's dct and random projectors. Any field of
 :class:`experiments.config.Config` can be overridden (``--schedule.steps 100``,
-``--optimizers.1.rank 8``, ``--mesh.fsdp 4``); ``--help`` lists them.
+``--optimizers.1.rank 8``, ``--mesh.fsdp 4``); ``--help`` lists them. ``--config
+runs/<name>/<label>/config.json`` re-runs one saved run from its resolved config (add
+``--log.output-dir`` to write elsewhere); on CPU it reproduces the run's metrics exactly.
 
 Bad input (an unknown config or field, a wrong type, a mesh that does not fit the devices or the
 batch, a checkpoint written by an incompatible config) exits with status 2 and a one-line

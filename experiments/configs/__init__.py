@@ -6,7 +6,7 @@ import dataclasses
 import importlib
 import pkgutil
 
-from experiments.config import Config, ConfigError
+from experiments.config import Config, ConfigError, run_config
 
 
 def names() -> list[str]:
@@ -15,7 +15,10 @@ def names() -> list[str]:
 
 
 def load(name: str) -> Config:
-    """The ``CONFIG`` of ``experiments/configs/<name>.py`` with ``name`` filled in."""
+    """The ``CONFIG`` of ``experiments/configs/<name>.py`` with ``name`` filled in, or, for a path
+    ending in ``.json``, the config saved in a run directory (:func:`experiments.config.run_config`)."""
+    if name.endswith(".json"):
+        return run_config(name)
     if name not in names():
         raise ConfigError(f"unknown config {name!r}; available: {', '.join(names())}")
     config = importlib.import_module(f"{__name__}.{name}").CONFIG

@@ -59,3 +59,29 @@ def test_cli_exit_status_in_a_subprocess(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: unknown config 'missing'; available: default, smoke, sweep"]
 
+
+
+def test_rerunning_a_saved_run_config_reproduces_its_metrics(tmp_path):
+    """``--config <run>/config.json`` rebuilds the run (only its optimizer) and, on CPU, gives the
+    same losses at every step."""
+    from experiments import metrics, run
+    from experiments.train import run_experiment
+
+    args = ["--config", "smoke", "--select", "adamw", "--schedule.steps", "6", "--eval.every", "3",
+            "--checkpoint.every", "0", "--log.no-progress", "--log.no-plots"]
+    first = parse([*args, "--log.output-dir", str(tmp_path / "a")])
+    run_experiment(first)
+    directory = run.run_dir(first, first.optimizers[0])
+    again = parse(["--config", str(directory / "config.json"), "--log.output-dir", str(tmp_path / "b")])
+    assert [o.display_name for o in again.optimizers] == ["adamw"]
+    run_experiment(again)
+    losses = [(r["step"], r["split"], r["loss"]) for r in metrics.read(directory / "metrics.jsonl")]
+    rerun = run.run_dir(again, again.optimizers[0]) / "metrics.jsonl"
+    assert [(r["step"], r["split"], r["loss"]) for r in metrics.read(rerun)] == losses
+    assert len(losses) == 8  # 6 train records and 2 evaluations
+
+
+def test_a_bad_run_config_is_a_config_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"seed": 0}')
+    with pytest.raises(ConfigError, match="optimizer"):
+        parse(["--config", str(tmp_path / "config.json")])

@@ -283,6 +283,9 @@ class LogConfig:
     """Show a tqdm progress bar."""
     plots: bool = True
     """Write loss and memory plots (PNG) after the runs."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard event files under <run>/tensorboard (needs
+    pip install tensorboardX)."""
 
 
 @dataclasses.dataclass(frozen=True)

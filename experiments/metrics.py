@@ -1,4 +1,5 @@
-"""Metrics as JSON lines: one object per logged step (``"split": "train"`` or ``"val"``)."""
+"""Metrics as JSON lines: one object per logged step (``"split": "train"`` or ``"val"``), and
+optionally the same scalars as TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -34,3 +35,26 @@ def truncate(path: pathlib.Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(path)
+
+
+class TensorBoard:
+    """Writes every numeric field of the records as TensorBoard scalars ``<split>/<field>`` under
+    ``directory`` (``pip install tensorboardX``; read them with ``tensorboard --logdir``)."""
+
+    def __init__(self, directory: pathlib.Path):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as err:
+            raise ImportError("log.tensorboard needs tensorboardX: pip install tensorboardX") from err
+        self._writer = SummaryWriter(str(directory))
+
+    def append(self, records: list[dict]) -> None:
+        for r in records:
+            for key, value in r.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{r['split']}/{key}", value, r["step"])
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()

@@ -197,6 +197,8 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
     mngr = checkpointing.manager(directory / "checkpoints", config.checkpoint)
     state, position = _restore_or_init(tr, mngr, start, config.seed)
     metrics_path = directory / "metrics.jsonl"
+    board = metrics.TensorBoard(directory / "tensorboard") if (
+        config.log.tensorboard and primary) else None
     if primary:
         metrics.truncate(metrics_path, start)
     fingerprint = resume_fingerprint(config, optimizer)
@@ -233,6 +235,8 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
                     bar.write(f"[{label}] step {done}: validation loss {val_loss:.4f}")
             if primary:
                 metrics.append(metrics_path, records)
+                if board is not None:
+                    board.append(records)
             if ckpt_due:
                 if shared_seed and primary:  # written before the checkpoint starts
                     save_replay_log(directory / REPLAY_LOG, replay_log)
@@ -249,6 +253,8 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
         if primary:
             provenance.write_json(directory / "final.json", {"step": stop, "params_sha256": digest})
     finally:
+        if board is not None:
+            board.close()
         bar.close()
         mngr.wait_until_finished()
         mngr.close()

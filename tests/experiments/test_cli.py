@@ -85,3 +85,37 @@ def test_a_bad_run_config_is_a_config_error(tmp_path):
     (tmp_path / "config.json").write_text('{"seed": 0}')
     with pytest.raises(ConfigError, match="optimizer"):
         parse(["--config", str(tmp_path / "config.json")])
+
+
+def _tfrecords(path):
+    """The records of a TFRecord file (8-byte length, 4-byte crc, data, 4-byte crc)."""
+    import struct
+
+    data, out, i = path.read_bytes(), [], 0
+    while i < len(data):
+        (length,) = struct.unpack("<Q", data[i:i + 8])
+        out.append(data[i + 12:i + 12 + length])
+        i += 12 + length + 4
+    return out
+
+
+def test_tensorboard_event_files_hold_the_logged_metrics(tmp_path):
+    from tensorboardX.proto import event_pb2
+
+    from experiments import metrics, run
+    from experiments.train import run_experiment
+
+    config = parse(["--config", "smoke", "--select", "adamw", "--schedule.steps", "4",
+                    "--eval.every", "2", "--checkpoint.every", "0", "--log.no-progress",
+                    "--log.no-plots", "--log.tensorboard", "--log.output-dir", str(tmp_path)])
+    run_experiment(config)
+    directory = run.run_dir(config, config.optimizers[0])
+    scalars = {}
+    for path in (directory / "tensorboard").iterdir():
+        for record in _tfrecords(path):
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                scalars[(value.tag, event.step)] = value.simple_value
+    for r in metrics.read(directory / "metrics.jsonl"):
+        assert scalars[(f"{r['split']}/loss", r["step"])] == pytest.approx(r["loss"], rel=1e-6)
+    assert ("train/step_time", 4) in scalars and ("val/loss", 2) in scalars

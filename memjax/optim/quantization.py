@@ -167,26 +167,46 @@ def _dequantize_blocks(codes: jax.Array, absmax: jax.Array, map_: str,
     return xn * absmax[..., None]
 
 
+@functools.cache
+def _bucket_table(signed: bool) -> tuple[int, np.ndarray, np.ndarray]:
+    """Lookup table for :func:`_nearest_dynamic`: ``(shift, base, midpoints + [inf])``.
+
+    Every float32 ``x`` falls in the bucket ``bits(x) >> shift`` (sign, exponent and the top
+    ``23 - shift`` mantissa bits). ``shift`` is the largest for which no bucket holds two
+    midpoints of the map, so the number of midpoints below ``x`` is ``base[bucket]`` (those below
+    the whole bucket) plus at most one: ``midpoints[base[bucket]] < x``.
+    """
+    values = dynamic_map(signed)
+    mids = (values[1:] + values[:-1]) / np.float32(2)  # float32, as the documented model
+    for mantissa_bits in range(4, 16):
+        shift = 23 - mantissa_bits
+        first = np.arange(1 << (32 - shift), dtype=np.uint64) << np.uint64(shift)
+        a = first.astype(np.uint32).view(np.float32)
+        b = (first | np.uint64((1 << shift) - 1)).astype(np.uint32).view(np.float32)
+        with np.errstate(invalid="ignore"):
+            lo, hi = np.fmin(a, b), np.fmax(a, b)  # negative floats run backwards in bits
+        finite = np.isfinite(lo) & np.isfinite(hi)
+        lo, hi = np.where(finite, lo, 0.0), np.where(finite, hi, 0.0)
+        base = np.searchsorted(mids, lo, side="left")
+        if np.all(np.searchsorted(mids, hi, side="left") - base <= 1):
+            padded = np.concatenate([mids, [np.inf]]).astype(np.float32)
+            return shift, base.astype(np.uint8), padded
+    raise AssertionError("no bucket width separates the dynamic map's midpoints")
+
+
 def _nearest_dynamic(xn: jax.Array, signed: bool) -> jax.Array:
     """Index of the nearest ``dynamic_map`` value (ties: the smaller value), elementwise.
 
-    Equals ``searchsorted(midpoints, xn, side="left")`` but in closed form, so it fuses with the
-    surrounding elementwise work (no per-element binary search): the decade ``k`` and the linear
-    position ``i`` inside it give a candidate ``c``, and the two midpoints around ``c`` settle the
-    exact index.
+    Equals ``searchsorted(midpoints, xn, side="left")`` exactly, without a per-element binary
+    search or transcendental functions: the float32 bits of ``xn`` pick a bucket whose count of
+    midpoints below it is tabulated (:func:`_bucket_table`), and one comparison with the next
+    midpoint settles the index. Two small gathers and a compare per entry.
     """
-    values = dynamic_map(signed)
-    mids = jnp.asarray((values[1:] + values[:-1]) / 2)
-    decades = 7 if signed else 8
-    a = jnp.abs(xn)
-    k = jnp.clip(jnp.ceil(jnp.log10(jnp.maximum(a, 1e-30))) + (decades - 1), 0, decades - 1)
-    items = jnp.exp2(k)
-    i = jnp.clip(jnp.round((a * jnp.power(10.0, (decades - 1) - k) - 0.1) / 0.9 * items), 0,
-                 items)
-    pos = (items + i - 1).astype(jnp.int32)  # 0 = zero, j = j-th positive value
-    zero = 127 if signed else 0
-    c = jnp.clip(jnp.where(xn < 0, zero - pos, zero + pos), 1, mids.shape[0] - 1)
-    return (c - 1) + (xn > mids[c - 1]).astype(jnp.int32) + (xn > mids[c]).astype(jnp.int32)
+    shift, base, mids = _bucket_table(signed)
+    bucket = jax.lax.shift_right_logical(
+        jax.lax.bitcast_convert_type(xn.astype(jnp.float32), jnp.uint32), jnp.uint32(shift))
+    below = jnp.asarray(base)[bucket.astype(jnp.int32)].astype(jnp.int32)
+    return below + (jnp.asarray(mids)[below] < xn).astype(jnp.int32)
 
 
 def dequantize_blockwise(codes: jax.Array, absmax: jax.Array, block_size: int = 256,
@@ -201,6 +221,30 @@ def dequantize_blockwise(codes: jax.Array, absmax: jax.Array, block_size: int = 
 # ---------------------------------------------------------------------------------------------
 # 8-bit Adam.
 # ---------------------------------------------------------------------------------------------
+
+
+def _map_chunks_in_place(fn, *arrays: jax.Array, chunk: int | None = None) -> tuple:
+    """``fn`` applied to consecutive row chunks of ``arrays``, results written back in place.
+
+    ``fn`` maps chunks (rows ``[i, i + c)`` of every array) to new chunks of the same shapes and
+    dtypes; the new values replace the old ones. A ``fori_loop`` over the full chunks plus one
+    static tail chunk, each a ``dynamic_update_slice`` into the loop carry, so XLA updates the
+    (donated) buffers in place: no zero-filled output buffers and no concatenation of a remainder,
+    unlike ``lax.map(..., batch_size=c)``. Only one chunk's temporaries are ever live.
+    """
+    chunk = CHUNK_BLOCKS if chunk is None else chunk
+    rows = arrays[0].shape[0]
+    if rows <= chunk:
+        return tuple(fn(*arrays))
+
+    def apply(start, size, carry):
+        ins = [jax.lax.dynamic_slice_in_dim(c, start, size) for c in carry]
+        return tuple(jax.lax.dynamic_update_slice_in_dim(c, o, start, 0)
+                     for c, o in zip(carry, fn(*ins)))
+
+    full, tail = divmod(rows, chunk)
+    carry = jax.lax.fori_loop(0, full, lambda i, c: apply(i * chunk, chunk, c), tuple(arrays))
+    return apply(full * chunk, tail, carry) if tail else carry
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -301,14 +345,11 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
             v = b2 * vq + (1.0 - b2) * g32 * g32
             return (step * m / (jnp.sqrt(v) + eps)).astype(g.dtype), m, ma, v, va
         # Blockwise, CHUNK_BLOCKS blocks at a time, so the float32 moments of only one chunk are
-        # ever live (lax.map over chunks of vmapped blocks).
-        args = (_blocks(g32, block_size), _blocks(mq, block_size), ma, _blocks(vq, block_size),
-                va)
+        # ever live; every chunk is written back in place (see _map_chunks_in_place).
         fn = functools.partial(block_step, step)
-        if args[0].shape[0] > CHUNK_BLOCKS:
-            out, mq, ma, vq, va = jax.lax.map(lambda a: fn(*a), args, batch_size=CHUNK_BLOCKS)
-        else:
-            out, mq, ma, vq, va = fn(*args)
+        out, mq, ma, vq, va = _map_chunks_in_place(
+            fn, _blocks(g32, block_size), _blocks(mq, block_size), ma, _blocks(vq, block_size),
+            va)
         return (_unblocks(out, g.shape).astype(g.dtype), _unblocks(mq, g.shape), ma,
                 _unblocks(vq, g.shape), va)
 

@@ -304,3 +304,39 @@ def test_q_galore_state_is_at_most_60_percent_of_galore():
     ratio = nbytes(memjax.optim.q_galore(1e-3, rank=128)) / nbytes(
         memjax.optim.galore(1e-3, rank=128))
     assert ratio <= 0.6, ratio
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_code_lookup_equals_searchsorted_everywhere(signed):
+    # The bucket-table lookup must pick exactly searchsorted(midpoints, x, "left"): on every
+    # midpoint, its float32 neighbours, 0, +-1, and values spread over 40 decades.
+    book = ref.dynamic_codebook(signed)
+    mids = (book[1:] + book[:-1]) / np.float32(2)
+    rng = np.random.default_rng(3)
+    spread = (10.0 ** rng.uniform(-40, 0, 100_000)).astype(np.float32)
+    x = np.concatenate([mids, np.nextafter(mids, np.float32(2)), np.nextafter(mids, np.float32(-2)),
+                        book, spread, [0.0, 1.0, np.finfo(np.float32).tiny]]).astype(np.float32)
+    x = np.concatenate([x, -x]) if signed else np.abs(x)
+    got = np.asarray(jax.jit(lambda v: q._nearest_dynamic(v, signed))(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.searchsorted(mids, x, side="left"))
+
+
+def test_adam_8bit_chunked_in_place_equals_one_shot(monkeypatch):
+    # Large leaves are updated CHUNK_BLOCKS blocks at a time (a fori_loop plus a tail chunk,
+    # written back in place): the result must equal the one-shot update bit for bit.
+    g = {"w": jnp.asarray(_blocky((10 * 64 + 5,), 7))}  # 11 blocks of 64: 3 chunks of 3 + tail 2
+    tx = q.scale_by_adam_8bit(block_size=64, min_8bit_size=0)
+
+    def run():
+        step = jax.jit(tx.update)
+        state, outs = tx.init(g), []
+        for _ in range(3):
+            out, state = step(g, state)
+            outs.append(out)
+        return outs, state
+
+    monkeypatch.setattr(q, "CHUNK_BLOCKS", 3)
+    chunked = run()
+    monkeypatch.setattr(q, "CHUNK_BLOCKS", 10**9)
+    one_shot = run()
+    jax.tree.map(np.testing.assert_array_equal, chunked, one_shot)

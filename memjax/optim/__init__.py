@@ -39,6 +39,7 @@ from memjax.optim.labels import (
 from memjax.optim.limiter import (
     NormGrowthState,
     limit_norm_growth,
+    norm_growth_factor,
     scale_by_norm_growth_limit,
 )
 from memjax.optim.low_rank import LowRankState, scale_by_low_rank
@@ -100,6 +101,7 @@ __all__ = [
     "galore",
     "label_matrices",
     "limit_norm_growth",
+    "norm_growth_factor",
     "limiter",
     "make_projector",
     "mezo",

@@ -77,12 +77,34 @@ def limit_norm_growth(update: jax.Array, state: NormGrowthState,
       2.02
     """
     norm = jnp.sqrt(jnp.sum(jnp.square(update.astype(jnp.float32))))
+    factor, state = norm_growth_factor(norm, state, gamma)
+    limited = (update.astype(jnp.float32) / factor).astype(update.dtype)
+    return limited, state
+
+
+def norm_growth_factor(norm: jax.Array, state: NormGrowthState,
+                       gamma: float = 1.01) -> tuple[jax.Array, NormGrowthState]:
+    r"""The limiter's divisor :math:`\ell_t` for an update whose norm is already known.
+
+    :func:`limit_norm_growth` is ``update / factor`` with ``factor`` from here. Callers that can
+    compute :math:`\lVert S_t \rVert` without forming ``S_t`` (APOLLO:
+    :math:`\lVert G \odot s \rVert` from the channel norms of ``G``) use this directly, so the
+    scaled update is never materialized and fuses into the parameter update.
+
+    Args:
+      norm: float32 scalar, :math:`\lVert S_t \rVert`.
+      state: the :class:`NormGrowthState` of this matrix.
+      gamma: the largest allowed norm growth per step.
+
+    Returns:
+      ``(factor, new state)``: divide the update by ``factor`` (float32 scalar, ``>= 1``).
+    """
+    norm = jnp.asarray(norm, jnp.float32)
     prev = state.norm
     first = prev < 0
     ratio = norm / (jnp.maximum(prev, 0.0) + LIMITER_EPS)
     factor = jnp.where(first, 1.0, jnp.maximum(ratio, gamma) / gamma)
-    limited = (update.astype(jnp.float32) / factor).astype(update.dtype)
-    return limited, NormGrowthState((norm / factor).astype(jnp.float32))
+    return factor, NormGrowthState((norm / factor).astype(jnp.float32))
 
 
 class ScaleByNormGrowthLimitState(NamedTuple):

@@ -192,18 +192,26 @@ def apollo(scale: float = 1.0, scale_type: str = "channel", limiter: bool = True
 
     def apply(g, low_grad, low_update, up, state):
         del up
+        g32 = g.astype(jnp.float32)
         if scale_type == "channel":
             s = channel_scaling(low_update, low_grad, g.shape)
         else:
             s = tensor_scaling(low_update, low_grad)
-        u = g.astype(jnp.float32) * s
-        if scale_front:
-            u = u * root
+        factor = root if scale_front else 1.0
         if limiter:
-            u, state = limiter_lib.limit_norm_growth(u, state, gamma)
+            # ||G * s|| from the channel norms of G (or ||G||), so G * s is never formed: the
+            # update below stays one broadcast multiply that fuses into the parameter update.
+            if scale_type == "channel":
+                axis = 0 if s.shape[0] == 1 else 1
+                sq = jnp.sum(jnp.sum(g32 * g32, axis=axis, keepdims=True) * (s * s))
+            else:
+                sq = jnp.sum(g32 * g32) * (s * s)
+            norm = jnp.sqrt(sq) * factor
+            limit, state = limiter_lib.norm_growth_factor(norm, state, gamma)
+            factor = factor / limit
         if not scale_front:
-            u = u * root
-        return u, state
+            factor = factor * root
+        return g32 * (s * factor), state
 
     return ResidualPolicy(_limiter_state if limiter else _no_state, apply)
 

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from memjax.optim import _rng
 from memjax.optim import labels as labels_lib
 from memjax.optim import projectors as proj_lib
 from memjax.optim import residual as residual_lib
@@ -226,9 +227,9 @@ def scale_by_low_rank(
         return plans
 
     def leaf_keys(lp: _LeafPlan, count) -> jax.Array:
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), lp.index), count)
+        key = _rng.fold_in(_rng.fold_in(jax.random.key(seed), lp.index), count)
         if lp.batch:
-            return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(lp.batch))
+            return jax.vmap(lambda b: _rng.fold_in(key, b))(jnp.arange(lp.batch))
         return key
 
     def init_fn(params):

@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.fft  # the DCT refresh
 
+from memjax.optim import _rng
+
 PROJECTORS = ("svd", "dct", "random")
 SIDES = ("left", "right")
 
@@ -176,8 +178,7 @@ def _random(m: int, n: int, rank: int, side: str, dtype) -> Projector:
         return jax.random.key_data(key)
 
     def matrix(key_data):
-        key = jax.random.wrap_key_data(key_data)
-        p = jax.random.normal(key, p_shape, jnp.float32) / math.sqrt(rank)
+        p = _rng.normal(key_data, p_shape) / math.sqrt(rank)  # = jax.random.normal, fused
         return p.astype(dtype)
 
     return Projector(init, refresh, lambda g, s: _matmul_down(g, matrix(s), side),
@@ -242,7 +243,7 @@ def orthogonal_projector(m: int, n: int, rank: int, side: str, dtype=jnp.float32
     size = m if side == "left" else n
 
     def matrix(key_data):
-        g = jax.random.normal(jax.random.wrap_key_data(key_data), (size, rank), jnp.float32)
+        g = _rng.normal(key_data, (size, rank))  # = jax.random.normal, fused
         q = jnp.linalg.qr(g)[0].astype(dtype)  # (size, rank), orthonormal columns
         return q if side == "left" else q.T
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from memjax.optim import _rng
 from memjax.optim.labels import path_str
 
 Params = Any
@@ -126,7 +127,7 @@ def resolve_stacked(params: Params, stacked_axes: StackedAxes) -> list[int]:
 def _slice_keys(leaf_key: jax.Array, stack_shape: tuple[int, ...]) -> jax.Array:
     if not stack_shape:
         return leaf_key
-    flat = jax.vmap(jax.random.fold_in, (None, 0))(leaf_key, jnp.arange(math.prod(stack_shape)))
+    flat = jax.vmap(_rng.fold_in, (None, 0))(leaf_key, jnp.arange(math.prod(stack_shape)))
     return flat.reshape(stack_shape)
 
 
@@ -143,15 +144,15 @@ def noise_keys(params: Params, key: jax.Array, stacked_axes: StackedAxes = 0) ->
     """
     leaves, treedef = jax.tree.flatten(params)
     counts = resolve_stacked(params, stacked_axes)
-    keys = [_slice_keys(jax.random.fold_in(key, i), tuple(jnp.shape(leaf)[:s]))
+    keys = [_slice_keys(_rng.fold_in(key, i), tuple(jnp.shape(leaf)[:s]))
             for i, (leaf, s) in enumerate(zip(leaves, counts))]
     return jax.tree.unflatten(treedef, keys)
 
 
 def _chunk_noise(key: jax.Array, chunk: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
     if chunk is None:
-        return jax.random.normal(key, shape, jnp.float32)
-    return jax.random.normal(jax.random.fold_in(key, chunk), shape, jnp.float32)
+        return _rng.key_normal(key, shape)
+    return _rng.key_normal(_rng.fold_in(key, chunk), shape)
 
 
 def _chunk_map(value: jax.Array, fn: Callable[[jax.Array, Any], jax.Array], chunk: int) -> jax.Array:
@@ -245,7 +246,7 @@ def param_hook(noise: Noise) -> Callable[[str, Any, Any], Any]:
 
 def sample_key(step_key: jax.Array, j: int | jax.Array) -> jax.Array:
     """The key of sample ``j`` of a step (``fold_in(step_key, j)``)."""
-    return jax.random.fold_in(step_key, j)
+    return _rng.fold_in(step_key, j)
 
 
 def _scalar_loss(value: Any) -> jax.Array:
@@ -362,7 +363,7 @@ def spsa_update(params: Params, sample_keys: jax.Array, scalars: jax.Array, lear
         if not _is_float(p):
             out.append(p)
             continue
-        leaf_keys = jax.vmap(jax.random.fold_in, (0, None))(sample_keys, i)  # (m,)
+        leaf_keys = jax.vmap(_rng.fold_in, (0, None))(sample_keys, i)  # (m,)
         if weight_decay and isinstance(decays, (bool, np.bool_)):
             decay = weight_decay if decays else None
         elif weight_decay:
@@ -404,7 +405,7 @@ def _update_leaf(p, stacked, leaf_keys, weights, step, decay, chunk):
     rows = p.reshape((math.prod(stack),) + p.shape[stacked:])
 
     def body(r, rows):
-        row = new_slice(rows[r], lambda k: jax.random.fold_in(leaf_keys[k], r))
+        row = new_slice(rows[r], lambda k: _rng.fold_in(leaf_keys[k], r))
         return jax.lax.dynamic_update_index_in_dim(rows, row, r, 0)
 
     return jax.lax.fori_loop(0, rows.shape[0], body, rows).reshape(p.shape)
@@ -455,7 +456,7 @@ class ZerothOrderTransformation(NamedTuple):
 
 def step_key(state: ZerothOrderState) -> jax.Array:
     """``fold_in(base_key, count)`` as a typed key."""
-    return jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
+    return _rng.fold_in(jax.random.wrap_key_data(state.key), state.count)
 
 
 def mezo(learning_rate: float | optax.Schedule, eps: float = 1e-3, n: int = 1,

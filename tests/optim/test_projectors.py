@@ -102,3 +102,27 @@ def test_dct_state_is_int32_indices():
     state = tx.init({"w": jnp.zeros((64, 32))})
     (idx,) = jax.tree.leaves(state.projector)
     assert idx.dtype == jnp.int32 and idx.shape == (8,)
+
+
+@pytest.mark.parametrize("shape", [(512, 1), (3, 5), (7,), (130, 64)])
+def test_fused_threefry_normal_and_fold_in_equal_jax_random_bit_for_bit(shape):
+    # The random projectors and MeZO draw through memjax.optim._rng (unrolled threefry, one
+    # fusion on CPU instead of a rolled while loop): it must be jax.random exactly.
+    from memjax.optim import _rng
+
+    for seed in (0, 1, 12345):
+        key = jax.random.key(seed)
+        kd = jax.random.key_data(key)
+        want = jax.random.normal(key, shape, jnp.float32)
+        np.testing.assert_array_equal(jax.jit(lambda k: _rng.normal(k, shape))(kd), want)
+        np.testing.assert_array_equal(jax.jit(lambda k: _rng.key_normal(k, shape))(key), want)
+        for data in (0, 1, 7, 2**31 + 5):
+            np.testing.assert_array_equal(
+                jax.random.key_data(jax.jit(lambda k, d=data: _rng.fold_in(k, d))(key)),
+                jax.random.key_data(jax.random.fold_in(key, data)))
+        folded = jax.jit(jax.vmap(_rng.fold_in, (None, 0)))(key, jnp.arange(4))
+        np.testing.assert_array_equal(
+            jax.random.key_data(folded),
+            jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(4))))
+    rbg = jax.random.key(0, impl="rbg")  # any other implementation: plain jax.random
+    np.testing.assert_array_equal(_rng.key_normal(rbg, shape), jax.random.normal(rbg, shape))

@@ -58,7 +58,7 @@ from memjax.optim.quantization import (
     scale_by_adam_8bit,
     svd_counts,
 )
-from memjax.optim.residual import ResidualPolicy
+from memjax.optim.residual import BackProjection, ResidualPolicy
 from memjax.optim.sharding import state_shardings
 from memjax.optim.shared_seed import OneByteCodec, ReplayLog, mezo_shared_seed, replay
 from memjax.optim.weight_decay import add_decayed_weights_after_step
@@ -72,6 +72,7 @@ from memjax.optim.zeroth_order import (
 )
 
 __all__ = [
+    "BackProjection",
     "DEFAULT_EXCLUDE",
     "CompiledMemory",
     "LowRankState",

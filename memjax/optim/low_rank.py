@@ -303,7 +303,9 @@ def scale_by_low_rank(
                 continue
 
             def apply(m, r, o, p, s, lp=lp):
-                return residual.apply(m, r, o, lambda x: lp.projector.up(x, p), s)
+                up = residual_lib.BackProjection(lambda x: lp.projector.up(x, p),
+                                                 lp.projector.orthonormal)
+                return residual.apply(m, r, o, up, s)
 
             full, rs = _batched(apply, lp.batch, 0)(mat, low, out, ps, rs)
             new_updates.append(labels_lib.from_matrix(full, lp.view).astype(g.dtype))

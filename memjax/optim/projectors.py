@@ -64,6 +64,10 @@ class Projector(NamedTuple):
       down: ``(G (m, n), PState) -> low`` with ``low`` ``(r, n)`` (left) or ``(m, r)`` (right).
       up: ``(low, PState) -> (m, n)``, back to the full space on the same side.
       low_shape: shape of ``down(G)``.
+      orthonormal: ``P`` has orthonormal columns (left) / rows (right) in float32, so
+        ``||up(L)|| = ||L||`` and ``up`` is the adjoint of ``down``; residual policies may then
+        take norms in the low-rank space (:func:`memjax.optim.residual.fira`). ``False`` is
+        always safe.
     """
 
     init: Callable[[jax.Array], PState]
@@ -71,6 +75,7 @@ class Projector(NamedTuple):
     down: Callable[[jax.Array, PState], jax.Array]
     up: Callable[[jax.Array, PState], jax.Array]
     low_shape: tuple[int, int]
+    orthonormal: bool = False
 
 
 def canonicalize_signs(vectors: jax.Array, axis: int) -> jax.Array:
@@ -112,6 +117,11 @@ def dct_basis(size: int, columns: jax.Array | None = None, dtype=jnp.float32) ->
     return q.astype(dtype)
 
 
+def _exact(dtype) -> bool:
+    """Orthonormal bases stay orthonormal to float32 rounding only in >= 32-bit dtypes."""
+    return jnp.finfo(dtype).bits >= 32
+
+
 def _matmul_down(g, p, side):
     return p.T @ g if side == "left" else g @ p.T
 
@@ -137,7 +147,8 @@ def _svd(m: int, n: int, rank: int, side: str, dtype) -> Projector:
         return new.astype(dtype)
 
     return Projector(init, refresh, lambda g, p: _matmul_down(g, p, side),
-                     lambda low, p: _matmul_up(low, p, side), _low_shape(m, n, rank, side))
+                     lambda low, p: _matmul_up(low, p, side), _low_shape(m, n, rank, side),
+                     _exact(dtype))
 
 
 def _dct(m: int, n: int, rank: int, side: str, dtype) -> Projector:
@@ -164,7 +175,7 @@ def _dct(m: int, n: int, rank: int, side: str, dtype) -> Projector:
 
     return Projector(init, refresh, lambda g, idx: _matmul_down(g, basis(idx), side),
                      lambda low, idx: _matmul_up(low, basis(idx), side),
-                     _low_shape(m, n, rank, side))
+                     _low_shape(m, n, rank, side), _exact(dtype))
 
 
 def _random(m: int, n: int, rank: int, side: str, dtype) -> Projector:
@@ -255,7 +266,7 @@ def orthogonal_projector(m: int, n: int, rank: int, side: str, dtype=jnp.float32
         jax.random.key_data, refresh,
         lambda g, s: matrix(s).T @ g if side == "left" else g @ matrix(s).T,
         lambda low, s: matrix(s) @ low if side == "left" else low @ matrix(s),
-        (rank, n) if side == "left" else (m, rank))
+        (rank, n) if side == "left" else (m, rank), _exact(dtype))
 
 
 def coordinate_projector(m: int, n: int, rank: int, side: str, dtype=jnp.float32) -> Projector:
@@ -290,7 +301,7 @@ def coordinate_projector(m: int, n: int, rank: int, side: str, dtype=jnp.float32
         return full.at[idx, :].set(low) if side == "left" else full.at[:, idx].set(low)
 
     return Projector(lambda key: jnp.arange(rank, dtype=jnp.int32), refresh, down, up,
-                     (rank, n) if side == "left" else (m, rank))
+                     (rank, n) if side == "left" else (m, rank), True)
 
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "min_state")

@@ -51,6 +51,22 @@ SCALE_TYPES = ("channel", "tensor")
 STATE_FREE_MODES = ("sign", "sgd")
 
 
+class BackProjection(NamedTuple):
+    """The ``up`` handed to :attr:`ResidualPolicy.apply`: callable, plus what it may assume.
+
+    Attributes:
+      fn: ``low -> (m, n)``.
+      orthonormal: ``fn`` is an isometry and the adjoint of the ``down`` that produced ``R``
+        (:attr:`memjax.optim.Projector.orthonormal`). Plain callables count as ``False``.
+    """
+
+    fn: Callable[[jax.Array], jax.Array]
+    orthonormal: bool = False
+
+    def __call__(self, low: jax.Array) -> jax.Array:
+        return self.fn(low)
+
+
 class ResidualPolicy(NamedTuple):
     """A residual policy.
 
@@ -139,6 +155,13 @@ def fira(scale: float = 1.0, gamma: float = 1.01, paper_form: bool = False) -> R
     The authors' code subtracts the *scaled* back-projection ``alpha * up(R)`` (the default);
     ``paper_form=True`` uses the paper's ``G - up(R)``.
 
+    Computed with one back-projection: ``phi`` scales the non-projected dimension, so it commutes
+    with ``up`` and :math:`U = G \odot \phi / \ell + \mathrm{up}(\alpha O - c\, R \odot \phi / \ell)`
+    (``c`` the coefficient of ``up(R)`` in ``S``). When ``up`` is an orthonormal projector's
+    (:class:`BackProjection` ``orthonormal``), the limiter's norm comes from
+    :math:`\lVert S \rVert^2 = \lVert G \odot \phi \rVert^2 - (2c - c^2) \lVert R \odot \phi \rVert^2`,
+    so no ``m x n`` residual is formed at all.
+
     Args:
       scale: the GaLore/Fira ``scale`` (alpha).
       gamma: norm-growth limiter threshold (>= 1).
@@ -149,12 +172,28 @@ def fira(scale: float = 1.0, gamma: float = 1.01, paper_form: bool = False) -> R
     """
     limiter_lib._check_gamma(gamma)
 
+    coef = 1.0 if paper_form else scale
+
     def apply(g, low_grad, low_update, up, state):
+        # phi lies along the non-projected dimension, so it commutes with up:
+        # S = G phi - coef up(R phi) and U = G (phi / l) + up(scale O - (coef / l) R phi),
+        # one back-projection instead of two.
         phi = channel_scaling(low_update, low_grad, g.shape)
-        back = up(low_grad).astype(jnp.float32)
-        resid = g.astype(jnp.float32) - (back if paper_form else scale * back)
-        s, state = limiter_lib.limit_norm_growth(resid * phi, state, gamma)
-        return scale * up(low_update).astype(jnp.float32) + s, state
+        g32 = g.astype(jnp.float32)
+        r_phi = low_grad.astype(jnp.float32) * phi
+        if getattr(up, "orthonormal", False):
+            # up is an isometry and the adjoint of down (R = down(G)), hence
+            # ||S||^2 = ||G phi||^2 - (2 coef - coef^2) ||R phi||^2: no m x n residual is formed.
+            axis = 0 if phi.shape[0] == 1 else 1
+            g_sq = jnp.sum(jnp.sum(g32 * g32, axis=axis, keepdims=True) * (phi * phi))
+            sq = g_sq - (2.0 * coef - coef * coef) * jnp.sum(r_phi * r_phi)
+            norm = jnp.sqrt(jnp.maximum(sq, 0.0))
+        else:
+            norm = _norm(g32 * phi - coef * up(r_phi.astype(low_grad.dtype)).astype(jnp.float32))
+        limit, state = limiter_lib.norm_growth_factor(norm, state, gamma)
+        low = scale * low_update.astype(jnp.float32) - (coef / limit) * r_phi
+        full = up(low.astype(low_update.dtype)).astype(jnp.float32)
+        return g32 * (phi / limit) + full, state
 
     return ResidualPolicy(_limiter_state, apply)
 

@@ -163,6 +163,42 @@ def test_fira_matches_numpy_reference(paper_form):
     assert norms and all(float(n.norm) > 0 for n in norms)
 
 
+@pytest.mark.parametrize("paper_form", [False, True])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fira_policy_one_back_projection_equals_the_naive_formula(side, paper_form):
+    # The policy folds phi into one up() and, for orthonormal projectors, takes the limiter's norm
+    # in the low-rank space. Both paths must equal the definition step by step (limiter state
+    # carried): S = (G - c up(R)) * phi, S /= l, U = scale up(O) + S, for an orthonormal P
+    # (the low-rank norm path) and a Gaussian P (plain callable: the general path).
+    rng = np.random.default_rng(5)
+    m, n, r, scale, gamma = 12, 9, 3, 0.25, 1.01
+    c = 1.0 if paper_form else scale
+    k = m if side == "left" else n
+    ortho = np.linalg.qr(rng.standard_normal((k, r)))[0].astype(np.float32)
+    gauss = (rng.standard_normal((k, r)) / math.sqrt(r)).astype(np.float32)
+    policy = residual_lib.fira(scale=scale, gamma=gamma, paper_form=paper_form)
+    for p, wrap in ((ortho, True), (gauss, False)):
+        down = (lambda x, p=p: p.T @ x) if side == "left" else (lambda x, p=p: x @ p)
+        up_fn = (lambda x, p=p: p @ x) if side == "left" else (lambda x, p=p: x @ p.T)
+        up = residual_lib.BackProjection(up_fn, True) if wrap else up_fn
+        state, prev = policy.init((m, n), jnp.float32), None
+        for t in range(4):
+            g = rng.standard_normal((m, n)).astype(np.float32) * (3.0 if t == 2 else 1.0)
+            low_grad = down(g)
+            low_update = rng.standard_normal(low_grad.shape).astype(np.float32)
+            u, state = policy.apply(jnp.asarray(g), jnp.asarray(low_grad),
+                                    jnp.asarray(low_update), up, state)
+            phi = np.asarray(residual_lib.channel_scaling(low_update, low_grad, (m, n)))
+            s_naive = (g - c * up_fn(low_grad)) * phi
+            norm = np.linalg.norm(s_naive)
+            limit = 1.0 if prev is None else max(norm / (prev + 1e-8), gamma) / gamma
+            prev = norm / limit
+            want = scale * up_fn(low_update) + s_naive / limit
+            np.testing.assert_allclose(np.asarray(u), want, rtol=2e-5, atol=2e-6,
+                                       err_msg=f"P orthonormal={wrap} t={t}")
+            np.testing.assert_allclose(float(state.norm), prev, rtol=2e-5)
+
+
 # ------------------------------------------------------------------------------------- APOLLO
 
 

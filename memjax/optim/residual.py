@@ -73,7 +73,8 @@ class ResidualPolicy(NamedTuple):
     Attributes:
       init: ``(matrix_shape (m, n), dtype) -> RState``.
       apply: ``(G, R, O, up, RState) -> (U, RState)`` with ``up`` mapping a low-rank matrix back
-        to ``(m, n)``; ``U`` has ``G``'s shape.
+        to ``(m, n)`` (:func:`memjax.optim.scale_by_low_rank` passes a :class:`BackProjection`,
+        which also says whether ``up`` is orthonormal); ``U`` has ``G``'s shape.
     """
 
     init: Callable[[tuple[int, int], Any], RState]

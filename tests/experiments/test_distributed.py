@@ -4,41 +4,24 @@ data-parallel run; both must end with bit-identical parameters, and only process
 import os
 import pathlib
 import re
-import socket
-import subprocess
 import sys
 
 from experiments import metrics
+from tests.processes import free_port, run_together
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_hold_identical_params(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "experiments.train", "--config", "smoke", "--select", "galore-svd",
            "--mesh.data", "2", "--schedule.steps", str(STEPS), "--eval.every", "0",
            "--checkpoint.every", "3", "--log.no-progress", "--log.output-dir", str(tmp_path),
            "--distributed.coordinator-address", f"localhost:{port}", "--distributed.num-processes", "2"]
-    procs = [subprocess.Popen([*cmd, "--distributed.process-id", str(i)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+    outputs = run_together([[*cmd, "--distributed.process-id", str(i)] for i in range(2)], env,
+                           timeout=300)
     digests = [re.findall(rf"process {i}/2: step {STEPS}, params sha256 (\w+)", out)
                for i, out in enumerate(outputs)]
     assert digests[0] and digests[0] == digests[1], outputs

@@ -5,8 +5,6 @@ import math
 import os
 import pathlib
 import re
-import socket
-import subprocess
 import sys
 
 import jax
@@ -17,6 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from memjax.optim import shared_seed as ss
+from tests.processes import free_port, run_together
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STACKED = {"w": 1, "bias": 0}
@@ -157,26 +156,13 @@ print("DIGEST", digest.hexdigest(), jax.device_count(), flush=True)
 
 
 def test_two_processes_end_bit_identical(tmp_path):
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, str(script), f"localhost:{port}", str(i), str(ROOT)],
-                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    outs = run_together([[sys.executable, str(script), f"localhost:{port}", str(i), str(ROOT)]
+                         for i in range(2)], env, timeout=240)
     digests = [re.findall(r"DIGEST (\w+) 4", out) for out in outs]
     assert digests[0] and digests[0] == digests[1], outs
 

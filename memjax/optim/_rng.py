@@ -56,52 +56,19 @@ def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array,
     return x1, x2
 
 
-def _is_default_threefry(key_data: jax.Array) -> bool:
-    return (key_data.shape == (2,) and key_data.dtype == jnp.uint32
-            and bool(jax.config.jax_threefry_partitionable)
-            and jax.config.jax_default_prng_impl == "threefry2x32")
+def _partitionable_threefry(impl: str) -> bool:
+    return impl == "threefry2x32" and bool(jax.config.jax_threefry_partitionable)
 
 
-def _is_threefry_key(key: jax.Array) -> bool:
+def _threefry_key(key: jax.Array) -> bool:
+    """A typed scalar key that :func:`normal` / :func:`fold_in` can hash themselves."""
     return (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
-            and jax.random.key_impl(key) == "threefry2x32"
-            and bool(jax.config.jax_threefry_partitionable))
+            and _partitionable_threefry(str(jax.random.key_impl(key))))
 
 
-def key_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``jax.random.normal(key, shape, float32)`` for a typed scalar key, fused for threefry."""
-    if not _is_threefry_key(key):
-        return jax.random.normal(key, shape, jnp.float32)
-    return normal(jax.random.key_data(key), shape)
-
-
-def fold_in(key: jax.Array, data) -> jax.Array:
-    """``jax.random.fold_in(key, data)`` bit for bit, as unrolled integer ops for threefry.
-
-    JAX folds ``data`` in as the threefry hash of the counter pair ``(0, data)``.
-    """
-    if not _is_threefry_key(key):
-        return jax.random.fold_in(key, data)
-    kd = jax.random.key_data(key)
-    data = jnp.asarray(data, dtype=jnp.uint32)
-    o1, o2 = threefry2x32(kd[0], kd[1], jnp.zeros_like(data), data)
-    return jax.random.wrap_key_data(jnp.stack([o1, o2]), impl="threefry2x32")
-
-
-def normal(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``jax.random.normal(wrap_key_data(key_data), shape, float32)``, bit for bit, fused.
-
-    Args:
-      key_data: uint32 ``(2,)`` raw data of a threefry key.
-      shape: output shape (fewer than ``2**32`` entries).
-
-    Returns:
-      float32 array of ``shape``, standard normal.
-    """
-    size = math.prod(shape)
-    if not _is_default_threefry(key_data) or size >= 2**32:
-        return jax.random.normal(jax.random.wrap_key_data(key_data), shape, jnp.float32)
-    lo = jax.lax.iota(jnp.uint32, size).reshape(shape)
+def _fused_normal(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The unrolled-threefry Gaussian of a (partitionable) threefry key's uint32 ``(2,)`` data."""
+    lo = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     b1, b2 = threefry2x32(key_data[0], key_data[1], jnp.zeros_like(lo), lo)
     bits = b1 ^ b2
     one = np.array(1.0, np.float32).view(np.uint32)
@@ -110,3 +77,40 @@ def normal(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     low = np.nextafter(np.float32(-1.0), np.float32(0.0))
     u = jnp.maximum(low, floats * (np.float32(1.0) - low) + low)
     return np.float32(np.sqrt(2)) * jax.lax.erf_inv(u)
+
+
+def normal(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``jax.random.normal(wrap_key_data(key_data), shape, float32)``, bit for bit, fused.
+
+    Args:
+      key_data: raw data of a key of JAX's default PRNG implementation (uint32 ``(2,)`` for
+        threefry).
+      shape: output shape.
+
+    Returns:
+      float32 array of ``shape``, standard normal.
+    """
+    if (not _partitionable_threefry(str(jax.config.jax_default_prng_impl))
+            or math.prod(shape) >= 2**32):
+        return jax.random.normal(jax.random.wrap_key_data(key_data), shape, jnp.float32)
+    return _fused_normal(key_data, shape)
+
+
+def key_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``jax.random.normal(key, shape, float32)`` for a typed scalar key, fused for threefry."""
+    if not _threefry_key(key) or math.prod(shape) >= 2**32:
+        return jax.random.normal(key, shape, jnp.float32)
+    return _fused_normal(jax.random.key_data(key), shape)
+
+
+def fold_in(key: jax.Array, data) -> jax.Array:
+    """``jax.random.fold_in(key, data)`` bit for bit, as unrolled integer ops for threefry.
+
+    JAX folds ``data`` in as the threefry hash of the counter pair ``(0, data)``.
+    """
+    if not _threefry_key(key):
+        return jax.random.fold_in(key, data)
+    kd = jax.random.key_data(key)
+    data = jnp.asarray(data, dtype=jnp.uint32)
+    o1, o2 = threefry2x32(kd[0], kd[1], jnp.zeros_like(data), data)
+    return jax.random.wrap_key_data(jnp.stack([o1, o2]), impl="threefry2x32")

@@ -264,9 +264,9 @@ def orthogonal_projector(m: int, n: int, rank: int, side: str, dtype=jnp.float32
 
     return Projector(
         jax.random.key_data, refresh,
-        lambda g, s: matrix(s).T @ g if side == "left" else g @ matrix(s).T,
-        lambda low, s: matrix(s) @ low if side == "left" else low @ matrix(s),
-        (rank, n) if side == "left" else (m, rank), _exact(dtype))
+        lambda g, s: _matmul_down(g, matrix(s), side),
+        lambda low, s: _matmul_up(low, matrix(s), side),
+        _low_shape(m, n, rank, side), _exact(dtype))
 
 
 def coordinate_projector(m: int, n: int, rank: int, side: str, dtype=jnp.float32) -> Projector:
@@ -301,7 +301,7 @@ def coordinate_projector(m: int, n: int, rank: int, side: str, dtype=jnp.float32
         return full.at[idx, :].set(low) if side == "left" else full.at[:, idx].set(low)
 
     return Projector(lambda key: jnp.arange(rank, dtype=jnp.int32), refresh, down, up,
-                     (rank, n) if side == "left" else (m, rank), True)
+                     _low_shape(m, n, rank, side), True)
 
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "min_state")

@@ -223,16 +223,16 @@ def dequantize_blockwise(codes: jax.Array, absmax: jax.Array, block_size: int = 
 # ---------------------------------------------------------------------------------------------
 
 
-def _map_chunks_in_place(fn, *arrays: jax.Array, chunk: int | None = None) -> tuple:
+def _map_chunks_in_place(fn, *arrays: jax.Array) -> tuple:
     """``fn`` applied to consecutive row chunks of ``arrays``, results written back in place.
 
-    ``fn`` maps chunks (rows ``[i, i + c)`` of every array) to new chunks of the same shapes and
-    dtypes; the new values replace the old ones. A ``fori_loop`` over the full chunks plus one
+    ``fn`` maps chunks (rows ``[i, i + c)`` of every array, ``c =`` :data:`CHUNK_BLOCKS`) to new
+    chunks of the same shapes and dtypes; the new values replace the old ones. A ``fori_loop`` over the full chunks plus one
     static tail chunk, each a ``dynamic_update_slice`` into the loop carry, so XLA updates the
     (donated) buffers in place: no zero-filled output buffers and no concatenation of a remainder,
     unlike ``lax.map(..., batch_size=c)``. Only one chunk's temporaries are ever live.
     """
-    chunk = CHUNK_BLOCKS if chunk is None else chunk
+    chunk = CHUNK_BLOCKS
     rows = arrays[0].shape[0]
     if rows <= chunk:
         return tuple(fn(*arrays))

@@ -96,6 +96,24 @@ def _norm(x, axis=None):
     return jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=axis is not None))
 
 
+def _scaled_norm(g32: jax.Array, s: jax.Array) -> jax.Array:
+    """``||G * s||`` for a scalar or a ``(1, n)`` / ``(m, 1)`` factor ``s``, without forming it."""
+    if s.ndim == 0:
+        return _norm(g32) * s
+    axis = 0 if s.shape[0] == 1 else 1  # reduce over the axis s is broadcast along
+    return _norm(_norm(g32, axis) * s)
+
+
+def _along_kept_dim(phi: jax.Array, low_shape, shape) -> bool:
+    """Whether the channel factor ``phi`` varies along the dimension the projection keeps.
+
+    The kept dimension has the same size in ``R`` and ``G``, the projected one differs; when
+    ``R`` has ``G``'s shape the two cannot be told apart.
+    """
+    varies = 1 if phi.shape[0] == 1 else 0
+    return low_shape[varies] == shape[varies] and low_shape[1 - varies] != shape[1 - varies]
+
+
 def channel_scaling(low_update: jax.Array, low_grad: jax.Array,
                     shape: tuple[int, int]) -> jax.Array:
     r"""Fira/APOLLO channel-wise factor ``||O|| / (||R|| + 1e-8)`` broadcastable to ``shape``.
@@ -156,10 +174,11 @@ def fira(scale: float = 1.0, gamma: float = 1.01, paper_form: bool = False) -> R
     The authors' code subtracts the *scaled* back-projection ``alpha * up(R)`` (the default);
     ``paper_form=True`` uses the paper's ``G - up(R)``.
 
-    Computed with one back-projection: ``phi`` scales the non-projected dimension, so it commutes
-    with ``up`` and :math:`U = G \odot \phi / \ell + \mathrm{up}(\alpha O - c\, R \odot \phi / \ell)`
-    (``c`` the coefficient of ``up(R)`` in ``S``). When ``up`` is an orthonormal projector's
-    (:class:`BackProjection` ``orthonormal``), the limiter's norm comes from
+    ``phi`` scales the dimension the projection keeps, so it commutes with ``up`` and the update
+    takes one back-projection,
+    :math:`U = G \odot \phi / \ell + \mathrm{up}(\alpha O - c\, R \odot \phi / \ell)`
+    (``c`` the coefficient of ``up(R)`` in ``S``); the limiter's norm takes a second one, unless
+    ``up`` is an orthonormal projector's (:class:`BackProjection` ``orthonormal``): then it is
     :math:`\lVert S \rVert^2 = \lVert G \odot \phi \rVert^2 - (2c - c^2) \lVert R \odot \phi \rVert^2`,
     so no ``m x n`` residual is formed at all.
 
@@ -176,18 +195,22 @@ def fira(scale: float = 1.0, gamma: float = 1.01, paper_form: bool = False) -> R
     coef = 1.0 if paper_form else scale
 
     def apply(g, low_grad, low_update, up, state):
-        # phi lies along the non-projected dimension, so it commutes with up:
-        # S = G phi - coef up(R phi) and U = G (phi / l) + up(scale O - (coef / l) R phi),
-        # one back-projection instead of two.
         phi = channel_scaling(low_update, low_grad, g.shape)
         g32 = g.astype(jnp.float32)
+        if not _along_kept_dim(phi, low_grad.shape, g.shape):
+            # Degenerate rank (low-rank side as large as G, e.g. a square matrix at full rank):
+            # the projected dimension cannot be told from the shapes; use the definition.
+            back = up(low_grad).astype(jnp.float32)
+            s_t, state = limiter_lib.limit_norm_growth((g32 - coef * back) * phi, state, gamma)
+            return scale * up(low_update).astype(jnp.float32) + s_t, state
+        # phi scales the dimension the projection keeps, so it commutes with up:
+        # S = G phi - coef up(R phi) and U = G (phi / l) + up(scale O - (coef / l) R phi).
         r_phi = low_grad.astype(jnp.float32) * phi
         if getattr(up, "orthonormal", False):
             # up is an isometry and the adjoint of down (R = down(G)), hence
             # ||S||^2 = ||G phi||^2 - (2 coef - coef^2) ||R phi||^2: no m x n residual is formed.
-            axis = 0 if phi.shape[0] == 1 else 1
-            g_sq = jnp.sum(jnp.sum(g32 * g32, axis=axis, keepdims=True) * (phi * phi))
-            sq = g_sq - (2.0 * coef - coef * coef) * jnp.sum(r_phi * r_phi)
+            sq = (_scaled_norm(g32, phi) ** 2
+                  - (2.0 * coef - coef * coef) * jnp.sum(r_phi * r_phi))
             norm = jnp.sqrt(jnp.maximum(sq, 0.0))
         else:
             norm = _norm(g32 * phi - coef * up(r_phi.astype(low_grad.dtype)).astype(jnp.float32))
@@ -241,12 +264,7 @@ def apollo(scale: float = 1.0, scale_type: str = "channel", limiter: bool = True
         if limiter:
             # ||G * s|| from the channel norms of G (or ||G||), so G * s is never formed: the
             # update below stays one broadcast multiply that fuses into the parameter update.
-            if scale_type == "channel":
-                axis = 0 if s.shape[0] == 1 else 1
-                sq = jnp.sum(jnp.sum(g32 * g32, axis=axis, keepdims=True) * (s * s))
-            else:
-                sq = jnp.sum(g32 * g32) * (s * s)
-            norm = jnp.sqrt(sq) * factor
+            norm = _scaled_norm(g32, s) * factor
             limit, state = limiter_lib.norm_growth_factor(norm, state, gamma)
             factor = factor / limit
         if not scale_front:

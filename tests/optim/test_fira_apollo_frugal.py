@@ -164,14 +164,16 @@ def test_fira_matches_numpy_reference(paper_form):
 
 
 @pytest.mark.parametrize("paper_form", [False, True])
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_fira_policy_one_back_projection_equals_the_naive_formula(side, paper_form):
+@pytest.mark.parametrize(("side", "shape", "r"), [("left", (12, 9), 3), ("right", (12, 9), 3),
+                                                  ("left", (6, 6), 6), ("right", (6, 6), 6)])
+def test_fira_policy_one_back_projection_equals_the_naive_formula(side, shape, r, paper_form):
     # The policy folds phi into one up() and, for orthonormal projectors, takes the limiter's norm
     # in the low-rank space. Both paths must equal the definition step by step (limiter state
-    # carried): S = (G - c up(R)) * phi, S /= l, U = scale up(O) + S, for an orthonormal P
-    # (the low-rank norm path) and a Gaussian P (plain callable: the general path).
+    # carried): S = (G - c up(R)) * phi, S = limit(S), U = scale up(O) + S, for an orthonormal P
+    # (the low-rank norm path) and a Gaussian P (plain callable: the general path). The square
+    # full-rank case (R has G's shape, phi may lie along the projected dimension) must too.
     rng = np.random.default_rng(5)
-    m, n, r, scale, gamma = 12, 9, 3, 0.25, 1.01
+    (m, n), scale, gamma = shape, 0.25, 1.01
     c = 1.0 if paper_form else scale
     k = m if side == "left" else n
     ortho = np.linalg.qr(rng.standard_normal((k, r)))[0].astype(np.float32)
@@ -181,7 +183,7 @@ def test_fira_policy_one_back_projection_equals_the_naive_formula(side, paper_fo
         down = (lambda x, p=p: p.T @ x) if side == "left" else (lambda x, p=p: x @ p)
         up_fn = (lambda x, p=p: p @ x) if side == "left" else (lambda x, p=p: x @ p.T)
         up = residual_lib.BackProjection(up_fn, True) if wrap else up_fn
-        state, prev = policy.init((m, n), jnp.float32), None
+        state, limiter = policy.init((m, n), jnp.float32), ref.NormLimiter(gamma)
         for t in range(4):
             g = rng.standard_normal((m, n)).astype(np.float32) * (3.0 if t == 2 else 1.0)
             low_grad = down(g)
@@ -189,14 +191,10 @@ def test_fira_policy_one_back_projection_equals_the_naive_formula(side, paper_fo
             u, state = policy.apply(jnp.asarray(g), jnp.asarray(low_grad),
                                     jnp.asarray(low_update), up, state)
             phi = np.asarray(residual_lib.channel_scaling(low_update, low_grad, (m, n)))
-            s_naive = (g - c * up_fn(low_grad)) * phi
-            norm = np.linalg.norm(s_naive)
-            limit = 1.0 if prev is None else max(norm / (prev + 1e-8), gamma) / gamma
-            prev = norm / limit
-            want = scale * up_fn(low_update) + s_naive / limit
+            want = scale * up_fn(low_update) + limiter((g - c * up_fn(low_grad)) * phi)
             np.testing.assert_allclose(np.asarray(u), want, rtol=2e-5, atol=2e-6,
                                        err_msg=f"P orthonormal={wrap} t={t}")
-            np.testing.assert_allclose(float(state.norm), prev, rtol=2e-5)
+            np.testing.assert_allclose(float(state.norm), limiter.prev, rtol=2e-5)
 
 
 # ------------------------------------------------------------------------------------- APOLLO

@@ -126,3 +126,20 @@ def test_fused_threefry_normal_and_fold_in_equal_jax_random_bit_for_bit(shape):
             jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(4))))
     rbg = jax.random.key(0, impl="rbg")  # any other implementation: plain jax.random
     np.testing.assert_array_equal(_rng.key_normal(rbg, shape), jax.random.normal(rbg, shape))
+
+
+def test_fused_threefry_with_another_default_prng_impl():
+    # A threefry key keeps the fused path when the default implementation is another one, and
+    # raw key data of the (other) default implementation falls back to jax.random.
+    from memjax.optim import _rng
+
+    old = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        key = jax.random.key(3, impl="threefry2x32")
+        np.testing.assert_array_equal(_rng.key_normal(key, (5, 2)), jax.random.normal(key, (5, 2)))
+        rbg = jax.random.key(3)
+        np.testing.assert_array_equal(_rng.normal(jax.random.key_data(rbg), (5, 2)),
+                                      jax.random.normal(rbg, (5, 2)))
+    finally:
+        jax.config.update("jax_default_prng_impl", old)

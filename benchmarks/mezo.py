@@ -32,15 +32,11 @@ from flax import nnx
 import memjax
 from experiments.config import DataConfig
 from experiments.data import make_source
+from experiments.optimizers import stacked_layer_axes
 from memjax.models.lm import LM, LMConfig, next_token_loss
 from memjax.optim import zeroth_order as zo
 
 MB = 1e6
-
-
-def stacked(path: str, leaf) -> int:
-    del leaf
-    return 1 if path.startswith("blocks/") else 0
 
 
 def build(args):
@@ -64,7 +60,7 @@ def memory(args) -> None:
     rows = []
     for label, at_use, fn in (("SPSA step, params + eps z materialised", False, loss),
                               ("SPSA step, perturbed at use (scan body)", True, loss_at_use)):
-        opt = zo.mezo(1e-4, n=args.n, stacked_axes=stacked, at_use=at_use)
+        opt = zo.mezo(1e-4, n=args.n, stacked_axes=stacked_layer_axes, at_use=at_use)
         peak = memjax.optim.compiled_memory(lambda p, s, t, opt=opt, fn=fn: opt.step(fn, p, s, t),
                                             params, opt.init(params), tokens,
                                             donate_argnums=(0,)).peak
@@ -144,7 +140,7 @@ def quality(args) -> None:
     seconds[f"backprop AdamW lr {args.finetune_lr}"] = time.perf_counter() - t0
 
     for lr in args.mezo_lr:
-        opt = zo.mezo(lr, eps=args.eps, n=args.n, stacked_axes=stacked, at_use=True, seed=args.seed)
+        opt = zo.mezo(lr, eps=args.eps, n=args.n, stacked_axes=stacked_layer_axes, at_use=True, seed=args.seed)
         step_fn = jax.jit(lambda p, s, t, opt=opt: opt.step(loss_at_use, p, s, t),
                           donate_argnums=(0,))
         p, s = jax.tree.map(jnp.copy, start), opt.init(start)

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from memjax.optim import _rng
 from memjax.optim import zeroth_order as zo
 
 INVALID = -128
@@ -91,7 +92,7 @@ DEFAULT_CODEC = OneByteCodec()
 
 def worker_sample_keys(step_key: jax.Array, num_workers: int, n: int) -> jax.Array:
     """(num_workers * n,) keys ``fold_in(fold_in(step_key, k), j)``, worker-major."""
-    workers = jax.vmap(jax.random.fold_in, (None, 0))(step_key, jnp.arange(num_workers))
+    workers = jax.vmap(_rng.fold_in, (None, 0))(step_key, jnp.arange(num_workers))
     keys = jax.vmap(lambda w: jax.vmap(lambda j: zo.sample_key(w, j))(jnp.arange(n)))(workers)
     return keys.reshape(-1)
 
@@ -132,7 +133,6 @@ class SharedSeedZO(NamedTuple):
     init: Callable
     step: Callable
     replay: Callable
-    num_workers: int
 
 
 class ReplayLog(NamedTuple):
@@ -179,19 +179,16 @@ def replay(initial_params: Any, log: ReplayLog, *, weight_decay: float, stacked_
     keyword arguments must be the run's, which is why ``weight_decay`` and ``stacked_axes`` have
     no default; :attr:`SharedSeedZO.replay` binds them.
     """
-    update = _jitted_apply(codec, weight_decay, mask, stacked_axes, chunk)
-    params = initial_params
-    for t in range(len(log)):
-        params = update(params, log.step_keys[t], log.codes[t], log.learning_rates[t])
-    return params
-
-
-def _jitted_apply(codec, weight_decay, mask, stacked_axes, chunk):
+    @jax.jit
     def update(params, key_data, codes, lr):
         return apply_codes(params, jax.random.wrap_key_data(key_data), codes, lr, codec=codec,
                            weight_decay=weight_decay, mask=mask, stacked_axes=stacked_axes,
                            chunk=chunk)
-    return jax.jit(update)
+
+    params = initial_params
+    for t in range(len(log)):
+        params = update(params, log.step_keys[t], log.codes[t], log.learning_rates[t])
+    return params
 
 
 def mezo_shared_seed(loss_fn: Callable, mesh: jax.sharding.Mesh, learning_rate: float | optax.Schedule,
@@ -222,21 +219,19 @@ def mezo_shared_seed(loss_fn: Callable, mesh: jax.sharding.Mesh, learning_rate: 
       ``batch_axis`` dimension is divisible by N, and the same ``state`` (a
       :class:`memjax.optim.zeroth_order.ZerothOrderState`) on every process.
     """
-    zo._check_eps_n(eps, n)
     if axis_name not in mesh.axis_names:
         raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {mesh.axis_names}")
     others = {a: s for a, s in mesh.shape.items() if a != axis_name and s != 1}
     if others:
         raise ValueError(f"mezo_shared_seed replicates parameters: mesh axes other than "
                          f"{axis_name!r} must have size 1, got {others}")
-    num_workers = mesh.shape[axis_name]
     base = zo.mezo(learning_rate, eps, n, weight_decay, seed=seed, mask=mask,
                    stacked_axes=stacked_axes, at_use=at_use, chunk=chunk)
 
     def local(params, state, batch):
         step_key = zo.step_key(state)
         worker = jax.lax.axis_index(axis_name)
-        est = zo.spsa_estimate(loss_fn, params, batch, jax.random.fold_in(step_key, worker), eps, n,
+        est = zo.spsa_estimate(loss_fn, params, batch, _rng.fold_in(step_key, worker), eps, n,
                                stacked_axes=stacked_axes, at_use=at_use, chunk=chunk)
         scalars = jnp.where(est.finite, est.scalars, jnp.nan)  # a failed sample -> INVALID
         codes = jax.lax.all_gather(codec.encode(scalars), axis_name)  # (N, n) int8
@@ -265,4 +260,4 @@ def mezo_shared_seed(loss_fn: Callable, mesh: jax.sharding.Mesh, learning_rate: 
         return replay(initial_params, log, codec=codec, weight_decay=weight_decay, mask=mask,
                       stacked_axes=stacked_axes, chunk=chunk)
 
-    return SharedSeedZO(init, step, replay_bound, num_workers)
+    return SharedSeedZO(init, step, replay_bound)

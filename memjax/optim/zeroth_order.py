@@ -292,14 +292,15 @@ def spsa_estimate(loss_fn: Callable, params: Params, batch: Any, key: jax.Array,
         return _scalar_loss(value)
 
     def one(j):
-        keys = noise_keys(params, sample_key(key, j), stacked_axes)
+        sample = sample_key(key, j)
+        keys = noise_keys(params, sample, stacked_axes)
         plus = loss_at(eps, keys)
         minus = loss_at(-eps, keys)
         g = (plus - minus) / (2.0 * eps)
-        return g, 0.5 * (plus + minus), jnp.isfinite(plus) & jnp.isfinite(minus) & jnp.isfinite(g)
+        finite = jnp.isfinite(plus) & jnp.isfinite(minus) & jnp.isfinite(g)
+        return g, 0.5 * (plus + minus), finite, jax.random.key_data(sample)
 
-    scalars, losses, finite = jax.lax.map(one, jnp.arange(n))
-    keys = jax.vmap(lambda j: jax.random.key_data(sample_key(key, j)))(jnp.arange(n))
+    scalars, losses, finite, keys = jax.lax.map(one, jnp.arange(n))
     return SPSAEstimate(scalars, losses, jnp.all(finite), keys)
 
 
@@ -433,13 +434,11 @@ class StepInfo(NamedTuple):
       loss: float32 scalar, mean of ``(L+ + L-) / 2`` over the samples.
       scalars: (n,) float32 projected gradients used by the update (0 when skipped).
       skipped: bool scalar, True when a non-finite loss made the step a no-op on the parameters.
-      step_key_data: (2,) uint32, the step key (for a replay log).
     """
 
     loss: jax.Array
     scalars: jax.Array
     skipped: jax.Array
-    step_key_data: jax.Array
 
 
 class ZerothOrderTransformation(NamedTuple):
@@ -513,8 +512,7 @@ def mezo(learning_rate: float | optax.Schedule, eps: float = 1e-3, n: int = 1,
         valid = jnp.broadcast_to(est.finite, (n,))
         new = spsa_update(params, keys, est.scalars, lr, weight_decay=weight_decay,
                           mask=mask, stacked_axes=stacked_axes, valid=valid, chunk=chunk)
-        info = StepInfo(jnp.mean(est.losses), jnp.where(valid, est.scalars, 0.0),
-                        ~est.finite, jax.random.key_data(key))
+        info = StepInfo(jnp.mean(est.losses), jnp.where(valid, est.scalars, 0.0), ~est.finite)
         count = jnp.where(est.finite, state.count + 1, state.count)
         return new, ZerothOrderState(count, state.key), info
 

@@ -177,8 +177,8 @@ def test_nonfinite_loss_skips_the_step_bitwise():
 def test_same_seed_same_numbers_and_donation():
     params, batch = _problem()
     runs = []
-    for _ in range(2):
-        opt = zo.mezo(0.05, stacked_axes=STACKED, seed=3)
+    for seed in (3, 3, 4):
+        opt = zo.mezo(0.05, stacked_axes=STACKED, seed=seed)
         p, s = jax.tree.map(jnp.copy, params), opt.init(params)
         step = jax.jit(lambda p, s, opt=opt: opt.step(_loss, p, s, batch), donate_argnums=(0,))
         for _ in range(3):
@@ -188,6 +188,7 @@ def test_same_seed_same_numbers_and_donation():
         runs.append(p)
     for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
         np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(runs[0]["w"], runs[2]["w"])  # the seed is used
 
 
 def test_bad_input():

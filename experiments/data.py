@@ -131,7 +131,7 @@ def split_documents(docs: Sequence[bytes], val_fraction: float) -> Corpus:
     period = max(2, round(1 / val_fraction))
     train = [d for i, d in enumerate(docs) if (i + 1) % period]
     val = [d for i, d in enumerate(docs) if not (i + 1) % period]
-    as_array = lambda ds: np.frombuffer(b"\n".join(ds), dtype=np.uint8)
+    as_array = lambda ds: np.frombuffer(b"\n".join(ds), dtype=np.uint8)  # noqa: E731
     return Corpus(as_array(train), as_array(val))
 
 

@@ -22,8 +22,8 @@ sequence that visits every train window once per epoch, in the permutation
 ``numpy.random.default_rng([seed, 0, p // W]).permutation(W)`` of epoch ``p // W``: a pure function
 of ``(seed, step)``, so a resumed run sees exactly the batches the first run would have seen.
 
-Model (:class:`Forecaster`): the inputs are taken relative to the window's last value (the
-"NLinear" normalisation of Zeng et al. 2023), projected 1 -> ``d_model``, run through
+Model (:class:`Forecaster`): the inputs are centred on the window's mean (a per-window
+normalisation in the spirit of NLinear, Zeng et al. 2023), projected 1 -> ``d_model``, run through
 ``num_layers`` pre-norm residual Mamba blocks (``x + Mamba(RMSNorm(x))``, stacked and scanned), and
 the last position is mapped to ``H`` changes added back onto the last value. The loss is the MSE
 over the ``H`` targets, in normalised units. Baselines on the same validation targets: the last
@@ -42,7 +42,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -53,12 +52,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import data as data_lib
 from memjax.models.layers import RMSNorm
 from memjax.models.lm import stack_layers
 from memjax.models.mamba import Mamba
-
-_TRAIN = 0
-
 
 class SeriesInfo(NamedTuple):
     """What a series is: its sampling, seasonal period (in steps) and unit."""
@@ -256,11 +253,6 @@ def gather(series: np.ndarray, origins: np.ndarray, window: int, horizon: int) -
     return Windows(inputs.astype(np.float32), targets.astype(np.float32))
 
 
-@functools.lru_cache(maxsize=8)
-def _epoch_permutation(seed: int, epoch: int, count: int) -> np.ndarray:
-    return np.random.default_rng([seed, _TRAIN, epoch]).permutation(count)
-
-
 def train_windows(data: ForecastData, batch_size: int, seed: int, step: int) -> Windows:
     """Training batch ``step`` of the run seeded ``seed``: a pure function of ``(seed, step)``.
 
@@ -271,12 +263,8 @@ def train_windows(data: ForecastData, batch_size: int, seed: int, step: int) -> 
     if step < 0:
         raise ValueError(f"step={step} must be >= 0")
     origins = train_origins(data)
-    count = len(origins)
-    positions = step * batch_size + np.arange(batch_size)
-    picked = np.empty(batch_size, np.int64)
-    for epoch in np.unique(positions // count):
-        sel = positions // count == epoch
-        picked[sel] = origins[_epoch_permutation(seed, int(epoch), count)[positions[sel] % count]]
+    # The LM data's epoch schedule over "windows" of one origin each (offset 0, no shift).
+    picked = origins[data_lib.window_starts(len(origins), 1, batch_size, seed, step)]
     return gather(data.series, picked, data.window, data.horizon)
 
 

@@ -2,7 +2,7 @@
 
 With no arguments it runs the ``default`` experiment (a tiny LLaMA-style byte LM on the built-in
 stdlib corpus, AdamW and GaLore side by side), prints a table and writes plots under
-``runs/default/``. ``--config sweep`` adds GaLore's dct and random projectors. Any field of
+``runs/default/``. ``--config sweep`` runs every optimizer (section 9 of BENCHMARKS.md). Any field of
 :class:`experiments.config.Config` can be overridden (``--schedule.steps 100``,
 ``--optimizers.1.rank 8``, ``--mesh.fsdp 4``); ``--help`` lists them. ``--config
 runs/<name>/<label>/config.json`` re-runs one saved run from its resolved config (add

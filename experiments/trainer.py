@@ -182,8 +182,8 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
                    "grad_norm": jnp.mean(jnp.abs(codec.decode(info.codes))),
                    "lr": info.learning_rate,
                    "skipped": jnp.all(invalid), "dropped_samples": jnp.sum(invalid),
-                   # the replay-log entry of this step (see experiments.run)
-                   "zo_key": info.step_key_data, "zo_codes": info.codes, "zo_lr": info.learning_rate}
+                   # with "lr", the replay-log entry of this step (see experiments.run)
+                   "zo_key": info.step_key_data, "zo_codes": info.codes}
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
     if isinstance(tx, memjax.optim.ZerothOrderTransformation):
@@ -194,7 +194,7 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
     def eval_loss(params, batch: Batch):
         return jnp.mean(jax.lax.map(lambda mb: loss_fn(params, mb.tokens, mb.mask), batch))
 
-    spec = lambda *shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+    spec = lambda *shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     abstract_batch = Batch(spec(grad_accum, micro_batch, seq_len, dtype=jnp.int32),
                            spec(grad_accum, micro_batch, seq_len - 1, dtype=jnp.float32))
     batch_sh = Batch(sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 3))
@@ -212,8 +212,9 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-REPLAY_KEYS = ("zo_key", "zo_codes", "zo_lr")
-"""Metrics of a shared-seed MeZO step that form its replay-log entry (not scalars to log)."""
+REPLAY_KEYS = ("zo_key", "zo_codes")
+"""Metrics of a shared-seed MeZO step that, with ``"lr"``, form its replay-log entry (not scalars
+to log)."""
 
 
 def host_metrics(metrics: dict) -> dict:
@@ -222,11 +223,10 @@ def host_metrics(metrics: dict) -> dict:
             for k, v in jax.device_get(metrics).items() if k not in REPLAY_KEYS}
 
 
-def replay_entry(metrics: dict) -> memjax.optim.shared_seed.SharedSeedInfo | None:
-    """The replay-log entry of a shared-seed MeZO step's metrics (None for other optimizers)."""
-    if "zo_codes" not in metrics:
-        return None
-    key, codes, lr = (np.asarray(x) for x in jax.device_get([metrics[k] for k in REPLAY_KEYS]))
+def replay_entry(metrics: dict) -> memjax.optim.shared_seed.SharedSeedInfo:
+    """The replay-log entry of a shared-seed MeZO step's metrics."""
+    key, codes, lr = (np.asarray(x) for x in jax.device_get([metrics[k] for k in (*REPLAY_KEYS,
+                                                                                   "lr")]))
     return memjax.optim.shared_seed.SharedSeedInfo(None, codes, key, lr)
 
 

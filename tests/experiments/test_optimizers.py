@@ -133,7 +133,8 @@ def test_recipe_trains_through_the_trainer(label, batch):
         assert m["skipped"] == 0, label
         losses.append(m["loss"])
     assert np.all(np.isfinite(losses)), (label, losses)
-    # Every step lowers the loss on the memorised batch (by >= 0.6 in six steps for each recipe).
+    # Every step lowers the loss on the memorised batch, by > 0.3 over the six steps (each recipe
+    # measured >= 0.6).
     assert np.all(np.diff(losses) < 0) and losses[-1] < losses[0] - 0.3, (label, losses)
     after = jax.tree.map(np.asarray, state.params)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after)), label

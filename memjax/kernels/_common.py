@@ -12,9 +12,14 @@ def default_backend() -> str:
     return "tpu" if jax.default_backend() == "tpu" else "triton"
 
 
+def auto_impl() -> str:
+    """What ``impl="auto"`` means: "pallas" on GPU / TPU, else "xla"."""
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+
+
 def next_power_of_two(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
-    return 1 << max(0, (n - 1).bit_length())
+    return 1 << max(0, n - 1).bit_length()
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["DEFAULT_INIT_STD", "RMSNorm", "SwiGLU", "head_kernel", "partitioned", "rope"]
+__all__ = ["DEFAULT_INIT_STD", "RMSNorm", "SwiGLU", "head_kernel", "partitioned", "project_out",
+           "project_qkv", "qkvo_kernels", "rope"]
 
 DEFAULT_INIT_STD = 0.02  # LLaMA / GaLore: every linear and embedding ~ N(0, 0.02**2).
 

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memjax.kernels._common import auto_impl
 from memjax.kernels.linear_attention.chunked import linear_attention_chunked
 from memjax.kernels.linear_attention.pallas import linear_attention_pallas
 from memjax.kernels.linear_attention.reference import (
@@ -103,7 +104,7 @@ def lightning_decay(num_heads: int) -> np.ndarray:
 def _resolve_impl(impl: str) -> str:
     """The implementation name behind ``impl``; "auto": "pallas" on GPU / TPU, else "xla"."""
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+        return auto_impl()
     if impl not in _IMPLEMENTATIONS:
         known = ", ".join(repr(name) for name in ("auto", *_IMPLEMENTATIONS))
         raise ValueError(f"impl must be one of {known}, got {impl!r}.")

@@ -31,6 +31,7 @@ from typing import Literal
 
 import jax
 
+from memjax.kernels._common import auto_impl
 from memjax.kernels.selective_scan import pallas, xla
 from memjax.kernels.selective_scan.reference import selective_scan_reference
 
@@ -69,7 +70,7 @@ def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+        return auto_impl()
     return impl
 
 

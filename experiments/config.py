@@ -26,6 +26,7 @@ BlockOrder = Literal["random", "ascending", "descending", "mirror"]
 StateFreeRule = Literal["sign", "sgd", "none"]
 ScaleType = Literal["channel", "tensor"]
 ProjBits = Literal[4, 8]
+AdamBits = Literal[32, 8]
 ProjType = Literal["std", "reverse_std", "left", "right", "min_state"]
 RefreshMode = Literal["synchronous", "staggered"]
 DataSourceName = Literal["stdlib", "text", "tokens", "selective_copy", "mqar", "hf"]
@@ -68,6 +69,8 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "scale_type": {"apollo_mini": "tensor", "default": "channel"},
 }
 LOW_RANK_RECIPES = ("galore", "fira", "apollo", "q_galore")
+ADAM_8BIT_RECIPES = ("adamw", "galore", "fira", "apollo", "apollo_mini")
+"""Recipes whose Adam moments can be 8-bit (``adam_bits=8``)."""
 """Recipes with a projection ``rank`` (apollo_mini is rank 1, frugal uses ``density``)."""
 
 
@@ -95,6 +98,10 @@ class OptimizerConfig:
     """Adam beta2."""
     eps: float = 1e-6
     """Adam epsilon (1e-6 as in the GaLore authors' code, for every recipe; FRUGAL's is 1e-8)."""
+    adam_bits: AdamBits = 32
+    """adamw, galore, fira, apollo, apollo_mini: bits of the Adam moments; 8 stores them as
+    blockwise 8-bit codes (memjax.optim.scale_by_adam_8bit, block_size, min_8bit_size), as in the
+    GaLore paper's 8-bit rows (q_galore is always 8-bit)."""
     rank: int = 16
     """Low-rank recipes (galore, fira, apollo, q_galore): projection rank r; apollo_mini is rank 1."""
     update_proj_gap: int = 50
@@ -148,9 +155,9 @@ class OptimizerConfig:
     lazy: bool = True
     """q_galore: layer-adaptive lazy refresh (off: refresh every update_proj_gap steps)."""
     block_size: int = 256
-    """q_galore: block size of the 8-bit Adam moments."""
+    """q_galore and adam_bits 8: block size of the 8-bit Adam moments."""
     min_8bit_size: int = 4096
-    """q_galore: state leaves with fewer entries keep float32 moments."""
+    """q_galore and adam_bits 8: state leaves with fewer entries keep float32 moments."""
     zo_eps: float = 1e-3
     """mezo: SPSA perturbation scale eps (MeZO: 1e-3)."""
     zo_samples: int = 1
@@ -173,13 +180,14 @@ class OptimizerConfig:
     def display_name(self) -> str:
         if self.label:
             return self.label
+        name = self.name
         if self.name in ("galore", "fira", "apollo"):
-            return f"{self.name}-{self.resolved('projector')}"
-        if self.name == "frugal":
-            return f"frugal-{self.subspace}"
-        if self.name == "mezo" and self.zo_shared_seed:
-            return "mezo-shared-seed"
-        return self.name
+            name = f"{self.name}-{self.resolved('projector')}"
+        elif self.name == "frugal":
+            name = f"frugal-{self.subspace}"
+        elif self.name == "mezo" and self.zo_shared_seed:
+            name = "mezo-shared-seed"
+        return f"{name}-8bit" if self.adam_bits == 8 else name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +327,10 @@ class Config:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     select: tuple[str, ...] = ()
     """Train only the optimizers with these labels (default: all)."""
+    memory_presets: tuple[str, ...] = ()
+    """After training, print the shape-only memory of one train step of every optimizer at these
+    model presets (memjax.models.lm.PRESETS, e.g. llama_1b llama_7b) at the GaLore paper's setting:
+    float32, one 256-token sequence, the authors' rank (experiments.memory.at_preset)."""
 
     @property
     def selected(self) -> tuple[OptimizerConfig, ...]:
@@ -425,6 +437,12 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    from memjax.models.lm import PRESETS
+
+    unknown_presets = [p for p in config.memory_presets if p not in PRESETS]
+    if unknown_presets:
+        raise ConfigError(f"memory_presets names unknown model presets {unknown_presets}; "
+                          f"available: {', '.join(PRESETS)}")
     labels = [o.display_name for o in config.optimizers]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"optimizer labels must be unique, got {labels}; set optimizers.N.label")
@@ -447,6 +465,9 @@ def validate(config: Config) -> None:
                                      and o.zo_samples >= 1):
             raise ConfigError(f"optimizer {o.display_name}: zo_eps={o.zo_eps} must be a finite "
                               f"number > 0 and zo_samples={o.zo_samples} an int >= 1")
+        if o.adam_bits == 8 and o.name not in ADAM_8BIT_RECIPES:
+            raise ConfigError(f"optimizer {o.display_name}: adam_bits=8 applies to "
+                              f"{', '.join(ADAM_8BIT_RECIPES)} (q_galore is always 8-bit)")
         if o.name == "frugal" and not 0 < o.density <= 1:
             raise ConfigError(f"optimizer {o.display_name}: density={o.density} must be in (0, 1]")
         if o.name in LOW_RANK_RECIPES and o.rank >= min(config.model.d_model, config.model.ffn_dim):

@@ -8,9 +8,10 @@ authors' parameter names. Plug in another by adding a function here and its name
 :data:`experiments.config.OptimizerName`. ``mezo`` is zeroth order (:func:`mezo`,
 :func:`mezo_shared_seed`): no gradient, so no clipping; it skips non-finite steps itself.
 
-Parameters of the decoder LM carry a leading ``"layers"`` axis on the stacked blocks, so the
-low-rank recipes see each block's matrix as its own ``(d, f)`` matrix (one batch axis); the
-embedding, the head and the norms keep the full inner optimizer. FRUGAL's ``subspace="block"``
+Parameters of the decoder LM carry a leading ``"layers"`` axis on the stacked blocks; the recipes'
+default labels (:func:`memjax.optim.label_matrices`) read each block's matrix as its own ``(d, f)``
+matrix (leading axes are batch axes); the embedding, the head and the norms keep the full inner
+optimizer. FRUGAL's ``subspace="block"``
 treats each stacked leaf (one projection of every layer, e.g. all ``mlp.up`` kernels) as one
 block.
 """
@@ -36,12 +37,16 @@ def warmup_cosine(peak: float, cfg: ScheduleConfig) -> optax.Schedule:
         decay_steps=max(cfg.steps, warmup + 1), end_value=peak * cfg.final_lr_fraction)
 
 
-def low_rank_labels(rank: int) -> Callable:
-    """Matrix labels for stacked-layer LM parameters (one leading batch axis)."""
-    return lambda params: memjax.optim.label_matrices(params, rank, num_batch_dims=1)
+def adam_8bit(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Adam with blockwise 8-bit moments (``adam_bits=8``)."""
+    return memjax.optim.scale_by_adam_8bit(cfg.b1, cfg.b2, cfg.eps, cfg.block_size,
+                                           min_8bit_size=cfg.min_8bit_size)
 
 
 def adamw(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    if cfg.adam_bits == 8:  # optax.adamw with the moments in 8 bits
+        return optax.chain(adam_8bit(cfg), optax.add_decayed_weights(cfg.weight_decay),
+                           optax.scale_by_learning_rate(lr))
     return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
@@ -50,10 +55,13 @@ def _adam(cfg: OptimizerConfig) -> dict:
 
 
 def _low_rank(cfg: OptimizerConfig, rank: int) -> dict:
-    """Arguments shared by the projected recipes (the step skip is :func:`build`'s)."""
+    """Arguments shared by the projected recipes (the step skip is :func:`build`'s). The default
+    labels project every attention and MLP matrix of the stacked blocks; ``adam_bits=8`` replaces
+    the inner Adam with 8-bit moments."""
+    inner = {"inner": adam_8bit(cfg)} if cfg.adam_bits == 8 else {}
     return dict(rank=rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.resolved("scale"),
-                proj_type=cfg.proj_type, labels=low_rank_labels(rank), refresh=cfg.refresh,
-                skip_nonfinite=False, **_adam(cfg))
+                proj_type=cfg.proj_type, refresh=cfg.refresh, skip_nonfinite=False,
+                **inner, **_adam(cfg))
 
 
 def galore(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
@@ -85,7 +93,7 @@ def frugal(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransforma
         lr, density=cfg.density, subspace=cfg.subspace, order=cfg.order,
         state_free=cfg.state_free, state_free_lr=cfg.state_free_lr,
         update_proj_gap=cfg.update_proj_gap, reset_state_on_refresh=cfg.reset_state_on_refresh,
-        labels=low_rank_labels(1), skip_nonfinite=False, **_adam(cfg))
+        skip_nonfinite=False, **_adam(cfg))
 
 
 def q_galore(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
@@ -93,7 +101,7 @@ def q_galore(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransfor
         lr, proj_bits=cfg.proj_bits, proj_group_size=cfg.proj_group_size,
         queue_size=cfg.queue_size, cos_threshold=cfg.cos_threshold, gamma_proj=cfg.gamma_proj,
         block_size=cfg.block_size, lazy=cfg.lazy, min_8bit_size=cfg.min_8bit_size,
-        **_low_rank(cfg, cfg.rank))
+        **{k: v for k, v in _low_rank(cfg, cfg.rank).items() if k != "inner"})
 
 
 RECIPES: dict[str, Recipe] = {
@@ -148,6 +156,6 @@ def build(cfg: OptimizerConfig, schedule: ScheduleConfig,
         return mezo_shared_seed(cfg, lr), lr
     if cfg.name == "mezo":
         return mezo(cfg, lr, 0 if fsdp > 1 else memjax.optim.zeroth_order.CHUNK), lr
-    parts = [optax.clip_by_global_norm(schedule.clip_norm)] if schedule.clip_norm > 0 else []
+    parts = [memjax.optim.clip_by_global_norm(schedule.clip_norm)] if schedule.clip_norm > 0 else []
     parts.append(RECIPES[cfg.name](cfg, lr))
     return memjax.optim.skip_nonfinite(optax.chain(*parts)), lr

@@ -43,7 +43,7 @@ def _one_line(tyro_output: str) -> str:
     return " ".join(body) or "invalid command-line arguments"
 
 
-def parse(argv: Sequence[str]) -> Config:
+def parse(argv: Sequence[str], *, prog: str = PROG, description: str | None = None) -> Config:
     """``[--config NAME] overrides...`` -> the resolved :class:`Config`.
 
     Raises:
@@ -54,12 +54,12 @@ def parse(argv: Sequence[str]) -> Config:
     pre.add_argument("--config", default="default")
     known, rest = pre.parse_known_args(list(argv))
     base = configs.load(known.config)
-    description = (f"{__doc__.splitlines()[0]}\n\n--config NAME picks the base experiment "
-                   f"(default: default); available: {', '.join(configs.names())}.")
+    description = (f"{description or __doc__.splitlines()[0]}\n\n--config NAME picks the base "
+                   f"experiment (default: default); available: {', '.join(configs.names())}.")
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return tyro.cli(Config, default=base, args=rest, prog=PROG, description=description)
+            return tyro.cli(Config, default=base, args=rest, prog=prog, description=description)
     except SystemExit as exit_:
         if exit_.code in (0, None):
             sys.stderr.write(captured.getvalue())
@@ -107,8 +107,29 @@ def run_experiment(config: Config) -> list[dict]:
     written = [report.write_summary(rows, out_dir)]
     if config.log.plots:
         written += report.plot(dirs, rows, out_dir)
+    for preset in config.memory_presets:
+        written += _plan_at(config, preset, out_dir)
     print("wrote " + ", ".join(str(p) for p in written))
     return rows
+
+
+def _plan_at(config: Config, preset: str, out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Prints (and saves as JSON, and as a plot) the shape-only memory of ``config``'s optimizers
+    at a model preset (:func:`experiments.memory.at_preset`); nothing is allocated."""
+    from experiments import memory, provenance
+
+    planned = memory.at_preset(config, preset)
+    print(f"\nshape-only memory of one train step at {preset} "
+          f"({memory.describe_config(planned)}; python -m experiments.memory):", flush=True)
+    rows = memory.plan(planned)
+    print(memory.table(rows))
+    path = out_dir / f"memory_{preset}.json"
+    provenance.write_json(path, rows)
+    written = [path]
+    if config.log.plots:
+        written.append(memory.plot(rows, out_dir / f"memory_{preset}.png",
+                                   memory.describe_config(planned)))
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:

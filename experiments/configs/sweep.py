@@ -31,4 +31,5 @@ CONFIG = dataclasses.replace(
     ),
     schedule=ScheduleConfig(steps=2000),
     eval=EvalConfig(every=250, batches=4),
+    memory_presets=(),
 )

@@ -32,7 +32,7 @@ Parameters carry logical axis names -- ``"vocab"``, ``"embed"``, ``"mlp"``, ``"h
 ``"layers"`` on the stacked axis -- as metadata; see :func:`memjax.models.layers.partitioned`.
 
 Presets follow the GaLore paper's LLaMA shapes (Zhao et al. 2024, arXiv 2403.03507); their names are
-nominal: the untied models have 58.1M / 134.1M / 368.0M / 1.339B parameters.
+nominal: the untied models have 58.1M / 134.1M / 368.0M / 1.339B / 6.738B parameters.
 """
 
 from __future__ import annotations
@@ -160,6 +160,8 @@ PRESETS: Mapping[str, LMConfig] = FrozenDict(
         "llama_130m": LMConfig(32000, 768, 12, 12, 2048),
         "llama_350m": LMConfig(32000, 1024, 24, 16, 2736),
         "llama_1b": LMConfig(32000, 2048, 24, 32, 5461),
+        # LLaMA-7B (Touvron et al. 2023): the GaLore paper's 7B memory figure (Fig. 1, Sec. 5.5).
+        "llama_7b": LMConfig(32000, 4096, 32, 32, 11008),
         # Tiny models for tests and CPU examples.
         "tiny": LMConfig(64, 32, 2, 2, 64, max_length=128),
         "tiny_bytes": LMConfig(256, 64, 2, 4, 172, max_length=256),

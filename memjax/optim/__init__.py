@@ -10,12 +10,13 @@ Building blocks:
   :mod:`limiter` (Fira's norm-growth limiter), :mod:`quantization` (:func:`scale_by_adam_8bit`,
   INT4 projectors), :mod:`zeroth_order` (:func:`spsa_estimate`, :func:`spsa_update`),
   :mod:`shared_seed` (:class:`OneByteCodec`, :class:`ReplayLog`, :func:`replay`),
-  :func:`scale_by_hf_adam`, :func:`skip_nonfinite`,
+  :func:`scale_by_hf_adam`, :func:`skip_nonfinite`, :func:`clip_by_global_norm`,
   :func:`add_decayed_weights_after_step`,
   :func:`label_matrices` / :class:`MatrixDims` (which leaves are matrices).
 
 Accounting:
-  :func:`state_bytes`, :func:`compiled_memory`.
+  :func:`describe` (every leaf's treatment and state bytes), :func:`state_bytes`,
+  :func:`compiled_memory`.
 """
 
 from memjax.optim import (
@@ -28,11 +29,15 @@ from memjax.optim import (
 )
 from memjax.optim.accounting import CompiledMemory, compiled_memory, state_bytes
 from memjax.optim.adam import ScaleByHFAdamState, scale_by_hf_adam
+from memjax.optim.clipping import clip_by_global_norm
+from memjax.optim.describe import Description, LeafDescription, describe
 from memjax.optim.aliases import apollo, apollo_mini, fira, frugal, galore, q_galore
 from memjax.optim.guards import SkipNonFiniteState, all_finite, skip_nonfinite
 from memjax.optim.labels import (
     DEFAULT_EXCLUDE,
     MatrixDims,
+    NoProjectionWarning,
+    RuleDims,
     label_matrices,
     resolve_labels,
 )
@@ -74,6 +79,11 @@ from memjax.optim.zeroth_order import (
 __all__ = [
     "BackProjection",
     "DEFAULT_EXCLUDE",
+    "Description",
+    "LeafDescription",
+    "NoProjectionWarning",
+    "RuleDims",
+    "describe",
     "CompiledMemory",
     "LowRankState",
     "MatrixDims",
@@ -94,6 +104,7 @@ __all__ = [
     "apollo",
     "apollo_mini",
     "canonicalize_signs",
+    "clip_by_global_norm",
     "compiled_memory",
     "dct_basis",
     "dequantize_blockwise",

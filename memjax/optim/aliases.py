@@ -367,10 +367,13 @@ ORDERS = ("random", "ascending", "descending", "mirror")
 STATE_FREE = ("sign", "sgd", "none")
 
 
-def _tree_dependent(build) -> optax.GradientTransformationExtraArgs:
-    """A transform whose composition depends on the tree's static shapes (rebuilt per trace)."""
+def _tree_dependent(build, check=None) -> optax.GradientTransformationExtraArgs:
+    """A transform whose composition depends on the tree's static shapes (rebuilt per trace);
+    ``check(params)`` runs once, at ``init``."""
 
     def init_fn(params):
+        if check is not None:
+            check(params)
         return build(params).init(params)
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -380,17 +383,21 @@ def _tree_dependent(build) -> optax.GradientTransformationExtraArgs:
 
 
 def _label_leaves(tree, labels) -> list:
-    """The ``MatrixDims`` (or ``None``) of every leaf of ``tree``, validated."""
-    if labels is None:
-        label_tree = labels_lib.label_matrices(tree, 1)
-    elif callable(labels):
-        label_tree = labels(tree)
-    else:
-        label_tree = labels
-    labels_lib.resolve_labels(tree, label_tree, 1)  # validates (raises named errors)
+    """The ``MatrixDims`` (or ``None``) of every leaf of ``tree``, validated (rule labels whose
+    matrix has a side of 1 fall back to ``None``)."""
+    views = labels_lib.resolve_labels(tree, labels, 1)  # validates (raises named errors)
+    label_tree = (labels_lib.label_matrices(tree) if labels is None
+                  else labels(tree) if callable(labels) else labels)
     leaves = jax.tree.structure(tree).flatten_up_to(label_tree)
-    return [labels_lib.MatrixDims() if lab is True else (None if lab is False else lab)
-            for lab in leaves]
+    out = []
+    for lab, view in zip(leaves, views):
+        if view is None:
+            out.append(None)
+        elif lab is True:
+            out.append(labels_lib.MatrixDims())
+        else:
+            out.append(labels_lib.MatrixDims(lab.reduction_axis, lab.output_axis))
+    return out
 
 
 def _frugal_rank(view, density: float, subspace: str) -> int | None:
@@ -712,7 +719,10 @@ def frugal(
         transforms = {k: v for k, v in transforms.items() if k in names}
         return optax.partition(transforms, treedef.unflatten(names))
 
-    return _finish_decay_before(_tree_dependent(build), learning_rate, weight_decay,
+    def check(tree):
+        labels_lib.warn_if_nothing_projected(tree, labels, 1, "frugal")
+
+    return _finish_decay_before(_tree_dependent(build, check), learning_rate, weight_decay,
                                 weight_decay_mask, skip_nonfinite)
 
 

@@ -6,10 +6,13 @@ the parameters whose leaves are :class:`MatrixDims` (project) or ``None`` (keep 
 optimizer). Axes named neither rows nor columns are *batch* axes: a stacked layer axis produced
 by scan-over-layers is one, and every slice along it gets its own projector.
 
-The default rule (:func:`label_matrices`) follows the GaLore authors: only the 2-D weights of
-attention and MLP linears are projected; embeddings, heads/unembeddings, norms, biases and any
-leaf whose smaller side is ``<= rank`` stay full. ``optax.contrib.muon`` projects every 2-D leaf
-(embeddings included); memjax does not.
+The default rule (:func:`label_matrices`) follows the GaLore authors' choice of layers: the
+weights of attention and MLP linears are projected; embeddings, heads/unembeddings, norms,
+biases and any leaf whose smaller side is ``<= rank`` stay full. It reads every leaf with at
+least two axes as a (batch of) matrix over its last two axes, so the stacked ``(L, d, f)``
+kernels of a scan-over-layers model (memjax's LM, MaxText, levanter) are projected slice by
+slice with no extra argument. ``optax.contrib.muon`` projects every 2-D leaf (embeddings
+included); memjax does not.
 
 Reference: Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
 Projection", arXiv 2403.03507 (2024), Sec. 4.
@@ -19,13 +22,20 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 
-DEFAULT_EXCLUDE = r"embed|wte|wpe|head|norm|(^|_)ln(_|$)|bias|scale"
-"""Regex matched against every path component (lower-cased): a match keeps the leaf full-rank."""
+DEFAULT_EXCLUDE = (r"embed|embeds|embedding|embeddings|wte|wpe|head|unembed|"
+                   r"norm|layernorm|rmsnorm|groupnorm|batchnorm|ln|bias|biases|scale|scales")
+"""Words that keep a leaf full-rank (embeddings, heads, norms, biases, norm scales).
+
+Every path component is lower-cased and split into words at every character that is not a letter
+(``input_layernorm`` -> ``input``, ``layernorm``; ``ln_1`` -> ``ln``; ``lm_head`` -> ``lm``,
+``head``); a leaf is excluded when the regex matches a whole word or a whole component. Words, not
+substrings: ``multihead`` or ``upscale`` are neither a head nor a scale."""
 
 LabelTree = Any  # pytree of MatrixDims | None
 Labels = LabelTree | Callable[[Any], LabelTree] | None
@@ -147,34 +157,101 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-def label_matrices(params: Any, rank: int, *, exclude: str | None = DEFAULT_EXCLUDE,
-                                      num_batch_dims: int = 0) -> LabelTree:
-    """The default rule: which leaves are projected.
+class RuleDims(MatrixDims):
+    """A :class:`MatrixDims` chosen by a rule (:func:`label_matrices`), not by hand.
 
-    A leaf is labelled ``MatrixDims(num_batch_dims, num_batch_dims + 1)`` when it has exactly
-    ``2 + num_batch_dims`` axes, no component of its path matches ``exclude``, and its smaller
-    matrix side is ``> rank``; every other leaf is labelled ``None`` (full inner optimizer).
+    The recipe keeps such a leaf full-rank when its smaller matrix side is ``<= rank`` (a
+    projection would not be smaller than the matrix), where a hand-written ``MatrixDims`` with a
+    rank larger than the matrix is an error. ``rule_rank`` is the rank the rule was given (``None``:
+    none); :func:`resolve_labels` raises if it differs from the recipe's rank.
+    """
+
+    rule_rank: int | None
+
+    def __new__(cls, reduction_axis, output_axis, rule_rank=None):
+        self = super().__new__(cls, reduction_axis, output_axis)
+        self.rule_rank = rule_rank
+        return self
+
+
+def path_words(component: str) -> list[str]:
+    """``"input_layernorm"`` -> ``["input", "layernorm"]``: the lower-cased letter runs."""
+    return [w for w in re.split(r"[^a-z]+", component.lower()) if w]
+
+
+def excluded(path: str, exclude: str | None) -> bool:
+    """Whether a ``/``-joined ``path`` has a component or word matching ``exclude`` in full."""
+    if not exclude:
+        return False
+    pattern = re.compile(exclude)
+    for component in path.split("/"):
+        if pattern.fullmatch(component.lower()) or any(
+                pattern.fullmatch(w) for w in path_words(component)):
+            return True
+    return False
+
+
+def label_matrices(params: Any, rank: int | None = None, *,
+                   exclude: str | None = DEFAULT_EXCLUDE,
+                   num_batch_dims: int | None = None) -> LabelTree:
+    """The default rule: which leaves are projected, and which of their axes form the matrix.
+
+    A leaf with at least two axes whose path has no excluded word (:data:`DEFAULT_EXCLUDE`:
+    embeddings, heads, norms, biases, scales) is a (batch of) matrix over its **last two axes**;
+    its leading axes are batch axes, each slice projected on its own. So a plain ``(d, f)``
+    kernel, a scan-over-layers stack ``(L, d, f)`` and a 4-D conv kernel ``(kh, kw, c_in,
+    c_out)`` (``kh * kw`` matrices ``c_in x c_out``, one per tap) are all labelled, and a tree
+    mixing 2-D and stacked 3-D matrices needs no hand-merged labels. Every other leaf is ``None``
+    (the full inner optimizer). The recipe later keeps full-rank any labelled leaf whose smaller
+    side is ``<= rank`` (see :class:`RuleDims`).
+
+    Why the last two axes: flax ``Dense``/``nnx.Linear`` kernels are ``(in, out)``, stacking adds
+    leading axes (``nnx.vmap``, ``jax.vmap`` over an init, MaxText/levanter layer stacks), so the
+    trailing ``(in, out)`` pair is the matrix a GaLore projection acts on. Leaves whose matrix is
+    spread over other axes (``(embed, heads, head_dim)`` attention kernels) need an explicit
+    ``MatrixDims`` (as in ``optax.contrib.muon``).
 
     Args:
-        params: a pytree of arrays (or ``jax.ShapeDtypeStruct`` s).
-        rank: the projection rank; leaves whose smaller side is ``<= rank`` stay full.
-        exclude: regex searched in every lower-cased path component; ``None`` excludes nothing.
-        num_batch_dims: leading batch axes, e.g. ``1`` for layers stacked by scan-over-layers.
+      params: a pytree of arrays (or ``jax.ShapeDtypeStruct`` s).
+      rank: optional; leaves whose smaller matrix side is ``<= rank`` are labelled ``None`` here.
+        Leave it out in rules passed to a recipe (the recipe's own rank decides); a rule given a
+        rank that differs from the recipe's is an error at ``init``, never a silent mismatch.
+      exclude: regex matched in full against every path component and every word of it
+        (:func:`excluded`); ``None`` excludes nothing.
+      num_batch_dims: ``None`` (default): any leaf with ``>= 2`` axes, the leading ones batch axes.
+        An int ``k``: only leaves with exactly ``2 + k`` axes are labelled.
 
     Returns:
-        A pytree like ``params`` with ``MatrixDims`` or ``None`` leaves.
+      A pytree like ``params`` with :class:`RuleDims` (a ``MatrixDims``) or ``None`` leaves.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"embed": jnp.zeros((100, 16)), "blocks": {"up": jnp.zeros((4, 16, 64)),
+      ...           "multihead_out": jnp.zeros((16, 16)), "norm": {"scale": jnp.zeros((4, 16))}}}
+      >>> labels = label_matrices(params)
+      >>> labels["embed"], labels["blocks"]["up"], labels["blocks"]["multihead_out"]
+      (None, RuleDims(reduction_axis=1, output_axis=2), RuleDims(reduction_axis=0, output_axis=1))
+      >>> labels["blocks"]["norm"]["scale"] is None
+      True
     """
-    pattern = re.compile(exclude) if exclude else None
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"label_matrices: rank={rank!r} must be a positive int or None.")
+    if num_batch_dims is not None and (not isinstance(num_batch_dims, int) or num_batch_dims < 0):
+        raise ValueError(f"label_matrices: num_batch_dims={num_batch_dims!r} must be an int >= 0 "
+                         "or None.")
+    if exclude:
+        re.compile(exclude)  # a bad regex fails here, naming the argument's value in the trace
 
     def rule(path, leaf):
-        shape = getattr(leaf, "shape", ())
-        if len(shape) != 2 + num_batch_dims:
+        shape = tuple(getattr(leaf, "shape", ()))
+        ndim = len(shape)
+        if ndim < 2 or (num_batch_dims is not None and ndim != 2 + num_batch_dims):
             return None
-        if pattern is not None and any(pattern.search(c.lower()) for c in path_str(path).split("/")):
+        if excluded(path_str(path), exclude):
             return None
-        if min(shape[num_batch_dims:]) <= rank:
+        if rank is not None and min(shape[-2:]) <= rank:
             return None
-        return MatrixDims(num_batch_dims, num_batch_dims + 1)
+        return RuleDims(ndim - 2, ndim - 1, rank)
 
     return jax.tree_util.tree_map_with_path(rule, params)
 
@@ -184,7 +261,8 @@ def resolve_labels(params: Any, labels: Labels, rank: int) -> list[MatrixView | 
 
     Args:
         params: the parameter (or gradient) pytree.
-        labels: ``None`` (use :func:`label_matrices` with ``rank``); a callable ``params -> tree``;
+        labels: ``None`` (use :func:`label_matrices`: a labelled leaf whose smaller side is
+            ``<= rank`` stays full); a callable ``params -> tree``;
             or a pytree with the structure of ``params`` whose leaves are ``MatrixDims``, ``None``,
             or ``bool`` (``True`` means a plain 2-D matrix).
         rank: the projection rank, checked against every labelled leaf.
@@ -197,7 +275,7 @@ def resolve_labels(params: Any, labels: Labels, rank: int) -> list[MatrixView | 
             label tree does not match ``params``.
     """
     if labels is None:
-        tree = label_matrices(params, rank)
+        tree = label_matrices(params)
     elif callable(labels):
         tree = labels(params)
     else:
@@ -224,9 +302,56 @@ def resolve_labels(params: Any, labels: Labels, rank: int) -> list[MatrixView | 
         if not isinstance(label, MatrixDims):
             raise ValueError(f"labels: leaf '{name}' has label {label!r}; expected MatrixDims, None or bool.")
         view = matrix_view(leaf.shape, label, name)
-        if rank > min(view.m, view.n):
+        if isinstance(label, RuleDims):
+            if label.rule_rank is not None and label.rule_rank != rank:
+                raise ValueError(
+                        f"labels: leaf '{name}' was labelled by label_matrices(rank={label.rule_rank}) "
+                        f"but the optimizer's rank is {rank}; call label_matrices without rank (the "
+                        "optimizer's rank decides which matrices are too small) or with the same rank.")
+            if min(view.m, view.n) <= rank:
+                views.append(None)  # the rule's fallback: no smaller than the matrix itself
+                continue
+        elif rank > min(view.m, view.n):
             raise ValueError(
                     f"labels: rank={rank} exceeds the smaller side of leaf '{name}' viewed as a "
                     f"{view.m}x{view.n} matrix; lower `rank` or label this leaf None.")
         views.append(view)
     return views
+
+
+class NoProjectionWarning(UserWarning):
+    """A low-rank optimizer whose labels project no leaf: it runs as its full inner optimizer."""
+
+
+def unprojected_reasons(params: Any, labels: Labels, rank: int) -> list[str]:
+    """``["path (shape): why", ...]`` for every leaf of ``params`` that ``labels`` keep full-rank."""
+    views = resolve_labels(params, labels, rank)
+    out = []
+    for (path, leaf), view in zip(jax.tree_util.tree_flatten_with_path(params)[0], views):
+        if view is not None:
+            continue
+        name, shape = path_str(path), tuple(getattr(leaf, "shape", ()))
+        if len(shape) < 2:
+            why = "not a matrix"
+        elif labels is None and excluded(name, DEFAULT_EXCLUDE):
+            why = "excluded by name (DEFAULT_EXCLUDE)"
+        elif labels is None and min(shape[-2:]) <= rank:
+            why = f"smaller side <= rank {rank}"
+        else:
+            why = "labelled None"
+        out.append(f"{name} {shape}: {why}")
+    return out
+
+
+def warn_if_nothing_projected(params: Any, labels: Labels, rank: int, who: str) -> None:
+    """Warns (:class:`NoProjectionWarning`) when ``labels`` project no leaf of ``params``."""
+    if any(v is not None for v in resolve_labels(params, labels, rank)):
+        return
+    reasons = unprojected_reasons(params, labels, rank)
+    shown = "; ".join(reasons[:8]) + (f"; ... ({len(reasons) - 8} more)" if len(reasons) > 8 else "")
+    warnings.warn(
+            f"{who}: no leaf is projected, so this optimizer runs as its full inner optimizer "
+            f"(no memory saved). Leaves seen: {shown or 'none'}. Pass labels= (e.g. "
+            "memjax.optim.label_matrices with another exclude=, or MatrixDims per leaf) or a "
+            "smaller rank; memjax.optim.describe(tx, params) shows every leaf's treatment.",
+            NoProjectionWarning, stacklevel=3)

@@ -251,7 +251,7 @@ def test_bad_config_raises(overrides, match):
 
 def test_bad_calls_raise():
     with pytest.raises(ValueError, match="unknown preset"):
-        lm_preset("llama_7b")
+        lm_preset("llama_9b")
     model = _abstract(_config(max_length=8))
     with pytest.raises(ValueError, match="max_length"):
         model(jnp.zeros((1, 9), jnp.int32))

@@ -1,0 +1,27 @@
+"""LLaMA-7B memory, the GaLore paper's setting (Fig. 1, Sec. 5.5): one 256-token sequence, no remat.
+
+For the planner, not for training (``python -m experiments.memory --config memory_7b``): float32
+(XLA:CPU upcasts bf16 dots, so bf16 figures from a CPU overstate; the paper's figures are BF16),
+rows ``adamw``, ``adamw-8bit`` (blockwise 8-bit moments), ``galore`` (rank 1024, the authors' 7B
+rank), ``galore-8bit`` and ``mezo`` (forward passes only). Each row compiles in seconds; nothing is
+allocated.
+"""
+
+from experiments.config import Config, DataConfig, ModelConfig, OptimizerConfig
+
+_GALORE = {"name": "galore", "rank": 1024, "update_proj_gap": 200, "scale": 0.25,
+           "learning_rate": 1e-2}
+
+CONFIG = Config(
+    seed=0,
+    model=ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, ffn_dim=11008,
+                      remat="none", dtype="float32", param_dtype="float32"),
+    optimizers=(
+        OptimizerConfig(name="adamw", label="adamw", learning_rate=1e-4),
+        OptimizerConfig(name="adamw", label="adamw-8bit", learning_rate=1e-4, adam_bits=8),
+        OptimizerConfig(label="galore", **_GALORE),
+        OptimizerConfig(label="galore-8bit", adam_bits=8, **_GALORE),
+        OptimizerConfig(name="mezo", label="mezo", learning_rate=1e-6),
+    ),
+    data=DataConfig(source="stdlib", seq_len=256, batch_size=1),
+)

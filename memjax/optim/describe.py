@@ -1,0 +1,176 @@
+"""What an optimizer will do to every leaf, and the state bytes each leaf costs, before training.
+
+:func:`describe` initialises the transform on abstract shapes (``jax.eval_shape``: nothing is
+allocated, so a 7B tree is described on a laptop) and reads the state it would hold:
+
+* every subtree of the state with the parameters' structure (Adam's ``mu``, a low-rank
+  transform's projectors, ...) charges each of its leaves to the parameter at the same position;
+  what is left (step counts, shared buffers) is reported as ``shared``;
+* a leaf is ``projected`` when a :class:`memjax.optim.LowRankState` holds a projector for it;
+  its side and rank are read from the low-rank moments (``left``: ``r x n``; ``right``:
+  ``m x r``, for the matrix ``m x n``);
+* FRUGAL's blockwise mode (:class:`memjax.optim.aliases.BlockState`) marks its matrices
+  ``block`` (their moments live in the shared buffers).
+
+Example:
+  >>> import jax.numpy as jnp, memjax
+  >>> params = {"embed": jnp.zeros((100, 32)), "blocks": {"up": jnp.zeros((4, 32, 64))}}
+  >>> d = memjax.optim.describe(memjax.optim.galore(1e-2, rank=8), params)
+  >>> [(r.path, r.treatment, r.side, r.rank) for r in d.rows]
+  [('blocks/up', 'projected', 'right', 8), ('embed', 'full', '', 0)]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from memjax.optim import accounting
+from memjax.optim import labels as labels_lib
+from memjax.optim.low_rank import LowRankState
+
+
+class LeafDescription(NamedTuple):
+    """One parameter leaf.
+
+    Attributes:
+      path: ``/``-joined path.
+      shape: the leaf's shape.
+      treatment: ``"projected"``, ``"block"`` (FRUGAL blocks) or ``"full"``.
+      side: ``"left"`` / ``"right"`` for projected leaves ('' when unknown or not projected).
+      rank: projection rank (0 when not projected or unknown).
+      state_bytes: optimizer-state bytes charged to this leaf.
+      param_bytes: the leaf's own bytes.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    treatment: str
+    side: str
+    rank: int
+    state_bytes: int
+    param_bytes: int
+
+
+class Description(NamedTuple):
+    """:func:`describe`'s result; ``str()`` is a table.
+
+    Attributes:
+      rows: one :class:`LeafDescription` per parameter leaf, in tree order.
+      shared_bytes: state bytes not charged to any one leaf (counts, shared buffers).
+      total_state_bytes: all optimizer-state bytes.
+    """
+
+    rows: list[LeafDescription]
+    shared_bytes: int
+    total_state_bytes: int
+
+    @property
+    def num_projected(self) -> int:
+        return sum(r.treatment == "projected" for r in self.rows)
+
+    def __str__(self) -> str:
+        width = max([len(r.path) for r in self.rows] + [4])
+        lines = [f"{'leaf':<{width}}  {'shape':<20} {'treatment':<10} {'side':<5} {'rank':>5} "
+                 f"{'state MB':>10}"]
+        for r in self.rows:
+            lines.append(f"{r.path:<{width}}  {str(r.shape):<20} {r.treatment:<10} {r.side:<5} "
+                         f"{r.rank or '':>5} {r.state_bytes / 1e6:>10.3f}")
+        params = sum(r.param_bytes for r in self.rows)
+        lines.append(f"{self.num_projected} of {len(self.rows)} leaves projected; state "
+                     f"{self.total_state_bytes / 1e6:.3f} MB ({self.shared_bytes} B shared) = "
+                     f"{self.total_state_bytes / max(params, 1):.3f}x the parameters' bytes")
+        return "\n".join(lines)
+
+
+def _charges(state: Any, treedef) -> tuple[list[int], int]:
+    """Bytes of ``state`` per parameter leaf, and the rest."""
+    per_leaf = [0] * treedef.num_leaves
+
+    matches = lambda node: _flattens(node, treedef)  # noqa: E731
+    shared = 0
+    for node in jax.tree.leaves(state, is_leaf=matches):
+        if matches(node):
+            for i, sub in enumerate(treedef.flatten_up_to(node)):
+                per_leaf[i] += accounting.state_bytes(sub)
+        else:
+            shared += accounting.state_bytes(node)
+    if treedef.num_leaves == 1 and treedef.num_nodes == 1:
+        per_leaf[0], shared = shared, 0
+    return per_leaf, shared
+
+
+def _low_rank_info(state: Any, treedef, shapes) -> dict[int, tuple[str, int]]:
+    """``{leaf index: (side, rank)}`` of the leaves some :class:`LowRankState` projects."""
+    out = {}
+    is_lr = lambda x: isinstance(x, LowRankState)  # noqa: E731
+    for node in jax.tree.leaves(state, is_leaf=is_lr):
+        if not is_lr(node):
+            continue
+        projectors = treedef.flatten_up_to(node.projector)
+        lows = [None] * len(projectors)
+        for sub in jax.tree.leaves(node.inner_state,
+                                   is_leaf=lambda x: _flattens(x, treedef)):
+            if _flattens(sub, treedef):
+                for i, leaf in enumerate(treedef.flatten_up_to(sub)):
+                    if lows[i] is None and hasattr(leaf, "shape"):
+                        lows[i] = tuple(leaf.shape)
+        for i, p in enumerate(projectors):
+            if isinstance(p, optax.MaskedNode):
+                continue
+            side, rank, shape = "", 0, shapes[i]
+            low = lows[i]
+            if low is not None and len(low) >= 2 and len(shape) >= 2:
+                m, n = shape[-2], shape[-1]
+                if low[-2] == m and low[-1] < n:
+                    side, rank = "right", low[-1]
+                elif low[-1] == n and low[-2] < m:
+                    side, rank = "left", low[-2]
+            out[i] = (side, int(rank))
+    return out
+
+
+def _flattens(node, treedef) -> bool:
+    try:
+        treedef.flatten_up_to(node)
+    except (ValueError, TypeError):
+        return False
+    return not (treedef.num_leaves == 1 and treedef.num_nodes == 1)
+
+
+def describe(tx: optax.GradientTransformation, params: Any) -> Description:
+    """Every leaf's treatment under ``tx`` and the optimizer-state bytes it costs.
+
+    Args:
+      tx: any optax transform (a memjax recipe, a chain around one, ``optax.adamw``...).
+      params: the parameters (arrays or ``jax.ShapeDtypeStruct`` s; nothing is allocated).
+
+    Returns:
+      A :class:`Description`; ``print(describe(tx, params))`` shows the table.
+    """
+    from memjax.optim.aliases import BlockState  # aliases imports this module's siblings
+
+    state = jax.eval_shape(tx.init, params)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    shapes = [tuple(getattr(x, "shape", ())) for _, x in leaves_with_path]
+    per_leaf, shared = _charges(state, treedef)
+    projected = _low_rank_info(state, treedef, shapes)
+    has_blocks = any(isinstance(x, BlockState) for x in jax.tree.leaves(
+        state, is_leaf=lambda x: isinstance(x, BlockState)))
+    block_leaves = set()
+    if has_blocks:  # FRUGAL block mode: the default rule's matrices share the block buffers
+        for i, view in enumerate(labels_lib.resolve_labels(params, None, 1)):
+            if view is not None and per_leaf[i] == 0:
+                block_leaves.add(i)
+    rows = []
+    for i, (path, leaf) in enumerate(leaves_with_path):
+        side, rank = projected.get(i, ("", 0))
+        treatment = ("projected" if i in projected else "block" if i in block_leaves else "full")
+        dtype = getattr(leaf, "dtype", None)
+        nbytes = math.prod(shapes[i]) * (jax.numpy.dtype(dtype).itemsize if dtype else 0)
+        rows.append(LeafDescription(labels_lib.path_str(path), shapes[i], treatment, side, rank,
+                                    per_leaf[i], int(nbytes)))
+    return Description(rows, shared, accounting.state_bytes(state))

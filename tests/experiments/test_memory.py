@@ -1,0 +1,73 @@
+"""The memory planner: the trainer's exact step compiled shape-only, its table, JSON and plot."""
+
+import dataclasses
+import json
+
+import pytest
+
+from experiments import configs, memory
+from experiments.config import ConfigError, OptimizerConfig
+from experiments.train import parse
+
+KEYS = {"label", "peak_bytes", "params_bytes", "optimizer_state_bytes", "grads_bytes",
+        "temp_bytes", "argument_bytes", "output_bytes", "alias_bytes", "compile_seconds"}
+
+
+@pytest.fixture(scope="module")
+def smoke_rows():
+    config = configs.load("smoke")
+    config = dataclasses.replace(config, optimizers=(
+        *config.optimizers, OptimizerConfig(name="mezo", learning_rate=1e-4)))
+    return memory.plan(config)
+
+
+def test_rows_are_the_compiled_steps(smoke_rows):
+    adamw, galore, mezo = smoke_rows
+    assert [r["label"] for r in smoke_rows] == ["adamw", "galore-svd", "mezo"]
+    for r in smoke_rows:
+        assert KEYS <= set(r)
+        assert r["peak_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
+                                   + r["temp_bytes"])
+        assert r["params_bytes"] == adamw["params_bytes"] > 0
+    assert adamw["optimizer_state_bytes"] > galore["optimizer_state_bytes"]
+    assert adamw["grads_bytes"] == adamw["params_bytes"] and mezo["grads_bytes"] == 0
+    assert mezo["optimizer_state_bytes"] < 100  # a key and a count
+    text = memory.table(smoke_rows, "smoke")
+    assert "| galore-svd |" in text and "peak / adamw" in text and "1.000x" in text
+
+
+def test_cli_json_and_plot(tmp_path, capsys):
+    plot = tmp_path / "memory.png"
+    assert memory.main(["--config", "smoke", "--json", "--plot", str(plot),
+                        "--select", "galore-svd"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 1 and rows[0]["label"] == "galore-svd" and KEYS <= set(rows[0])
+    assert plot.stat().st_size > 1000
+    assert memory.main(["--config", "smoke", "--model.widht", "3"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_at_preset_uses_the_papers_setting():
+    config = memory.at_preset(parse([]), "llama_7b")
+    assert (config.model.d_model, config.model.num_layers, config.model.ffn_dim) == (4096, 32, 11008)
+    assert config.model.param_dtype == "float32" and config.model.remat == "none"
+    assert (config.data.batch_size, config.data.seq_len, config.schedule.grad_accum) == (1, 256, 1)
+    adamw, galore = config.optimizers
+    assert galore.rank == 1024 and galore.label == "galore-svd" and adamw.label == "adamw"
+    assert memory.at_preset(parse([]), "llama_1b").optimizers[1].rank == 512
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        memory.at_preset(parse([]), "llama_9b")
+
+
+def test_named_configs():
+    m7 = configs.load("memory_7b")
+    assert [o.display_name for o in m7.optimizers] == [
+        "adamw", "adamw-8bit", "galore", "galore-8bit", "mezo"]
+    assert m7.model.d_model == 4096 and m7.data.batch_size * m7.data.seq_len == 256
+    assert parse([]).memory_presets == ("llama_1b", "llama_7b")
+    with pytest.raises(ConfigError, match="memory_presets"):
+        memory.plan(dataclasses.replace(configs.load("smoke"), memory_presets=("nope",)))
+    with pytest.raises(ConfigError, match="adam_bits=8 applies to"):
+        memory.plan(dataclasses.replace(configs.load("smoke"), optimizers=(
+            OptimizerConfig(name="frugal", adam_bits=8),)))

@@ -51,31 +51,24 @@ def plan_row(config: Config, optimizer) -> dict:
       "temp_bytes", "argument_bytes", "output_bytes", "alias_bytes", "compile_seconds",
       "model", "batch_tokens"}``.
     """
-    import memjax
-    from experiments import optimizers, run, sharding, trainer
+    from experiments import run, sharding
 
-    mesh = sharding.make_mesh(config.mesh)
-    s, d = config.schedule, config.data
     start = time.perf_counter()
-    tx, lr = optimizers.build(optimizer, s, fsdp=mesh.shape.get("fsdp", 1))
-    tr = trainer.build(run.lm_config(config), tx, lr, mesh=mesh, rules=config.mesh.rules,
-                       seed=config.seed, micro_batch=d.batch_size // s.grad_accum,
-                       grad_accum=s.grad_accum, seq_len=d.seq_len)
+    tr = run.build_trainer(config, optimizer, sharding.make_mesh(config.mesh))
     seconds = time.perf_counter() - start
-    cm = tr.compiled_memory
-    params = memjax.optim.state_bytes(tr.abstract_state.params)
-    zeroth_order = optimizer.name == "mezo"
-    m = config.model
+    mem = run.memory_report(tr)
+    step = mem["step"]
+    m, d = config.model, config.data
     return {
         "label": optimizer.display_name,
-        "peak_bytes": cm.peak,
-        "params_bytes": params,
-        "optimizer_state_bytes": memjax.optim.state_bytes(tr.abstract_state.opt_state),
-        "grads_bytes": 0 if zeroth_order else params,
-        "temp_bytes": cm.temp,
-        "argument_bytes": cm.argument,
-        "output_bytes": cm.output,
-        "alias_bytes": cm.alias,
+        "peak_bytes": mem["step_peak_bytes"],
+        "params_bytes": mem["param_bytes"],
+        "optimizer_state_bytes": mem["opt_state_bytes"],
+        "grads_bytes": 0 if optimizer.name == "mezo" else mem["param_bytes"],
+        "temp_bytes": step["temp"],
+        "argument_bytes": step["argument"],
+        "output_bytes": step["output"],
+        "alias_bytes": step["alias"],
         "compile_seconds": round(seconds, 2),
         "model": f"d{m.d_model} L{m.num_layers} ffn{m.ffn_dim} vocab{m.vocab_size} {m.param_dtype}",
         "batch_tokens": d.batch_size * d.seq_len,
@@ -108,9 +101,9 @@ def at_preset(config: Config, preset: str, *, seq_len: int = 256, batch_size: in
         param_dtype="float32", tie_embeddings=p.tie_embeddings)
     rank = AUTHORS_RANK.get(preset)
     optimizers = tuple(
-        dataclasses.replace(o, label=o.display_name, rank=rank)
-        if rank is not None and o.name in LOW_RANK_RECIPES else
-        dataclasses.replace(o, label=o.display_name) for o in config.optimizers)
+        dataclasses.replace(o, label=o.display_name, **(
+            {"rank": rank} if rank is not None and o.name in LOW_RANK_RECIPES else {}))
+        for o in config.optimizers)
     return dataclasses.replace(
         config, model=model, optimizers=optimizers,
         data=dataclasses.replace(config.data, seq_len=seq_len, batch_size=batch_size),

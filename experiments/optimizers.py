@@ -11,9 +11,8 @@ authors' parameter names. Plug in another by adding a function here and its name
 Parameters of the decoder LM carry a leading ``"layers"`` axis on the stacked blocks; the recipes'
 default labels (:func:`memjax.optim.label_matrices`) read each block's matrix as its own ``(d, f)``
 matrix (leading axes are batch axes); the embedding, the head and the norms keep the full inner
-optimizer. FRUGAL's ``subspace="block"``
-treats each stacked leaf (one projection of every layer, e.g. all ``mlp.up`` kernels) as one
-block.
+optimizer. FRUGAL's ``subspace="block"`` treats each stacked leaf (one projection of every layer,
+e.g. all ``mlp.up`` kernels) as one block.
 """
 
 from __future__ import annotations
@@ -101,7 +100,7 @@ def q_galore(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransfor
         lr, proj_bits=cfg.proj_bits, proj_group_size=cfg.proj_group_size,
         queue_size=cfg.queue_size, cos_threshold=cfg.cos_threshold, gamma_proj=cfg.gamma_proj,
         block_size=cfg.block_size, lazy=cfg.lazy, min_8bit_size=cfg.min_8bit_size,
-        **{k: v for k, v in _low_rank(cfg, cfg.rank).items() if k != "inner"})
+        **_low_rank(cfg, cfg.rank))
 
 
 RECIPES: dict[str, Recipe] = {

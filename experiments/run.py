@@ -72,6 +72,17 @@ def check_resumable(config: Config, optimizer: OptimizerConfig, data_fingerprint
     return step
 
 
+def build_trainer(config: Config, optimizer: OptimizerConfig,
+                  mesh: jax.sharding.Mesh) -> trainer.Trainer:
+    """The compiled step (and init, eval) of ``optimizer`` in ``config`` on ``mesh``; nothing is
+    allocated (the memory planner compiles exactly this)."""
+    s, d = config.schedule, config.data
+    tx, lr = optimizers.build(optimizer, s, fsdp=mesh.shape.get("fsdp", 1))
+    return trainer.build(lm_config(config), tx, lr, mesh=mesh, rules=config.mesh.rules,
+                         seed=config.seed, micro_batch=d.batch_size // s.grad_accum,
+                         grad_accum=s.grad_accum, seq_len=d.seq_len)
+
+
 def memory_report(tr: trainer.Trainer) -> dict:
     """Bytes of the parameters and the optimizer state (global), and the compiled step (per device)."""
     cm = tr.compiled_memory
@@ -185,10 +196,7 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
     if primary:
         _write_provenance(directory, config, optimizer, source.fingerprint, start)
 
-    tx, lr = optimizers.build(optimizer, s, fsdp=mesh.shape.get("fsdp", 1))
-    tr = trainer.build(lm_config(config), tx, lr, mesh=mesh, rules=config.mesh.rules,
-                       seed=config.seed, micro_batch=d.batch_size // s.grad_accum,
-                       grad_accum=s.grad_accum, seq_len=d.seq_len)
+    tr = build_trainer(config, optimizer, mesh)
     mem = memory_report(tr)
     if primary:
         provenance.write_json(directory / "memory.json", mem)

@@ -152,20 +152,12 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
             loss, grads = jax.value_and_grad(loss_fn)(state.params, mb.tokens, mb.mask)
             return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-        if grad_accum == 1:  # no accumulator: it would be a second gradient tree
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch.tokens[0], batch.mask[0])
-            losses = loss[None]
-        else:
-            grad_sum, losses = jax.lax.scan(micro, optax.tree.zeros_like(state.params), batch)
-            grads = optax.tree.scale(1.0 / grad_accum, grad_sum)
-        grads = jax.lax.with_sharding_constraint(grads, param_sh)
-        # The norm is read before the update, which may write its output over the gradients (the
-        # barrier orders it; otherwise XLA keeps a copy of the whole gradient tree for it).
-        grad_norm, grads = jax.lax.optimization_barrier((optax.tree.norm(grads), grads))
+        grad_sum, losses = jax.lax.scan(micro, optax.tree.zeros_like(state.params), batch)
+        grads = jax.lax.with_sharding_constraint(optax.tree.scale(1.0 / grad_accum, grad_sum), param_sh)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        metrics = {"loss": jnp.mean(losses), "grad_norm": grad_norm,
+        metrics = {"loss": jnp.mean(losses), "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step), "skipped": opt_state.skipped}
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 

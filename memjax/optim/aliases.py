@@ -385,9 +385,8 @@ def _tree_dependent(build, check=None) -> optax.GradientTransformationExtraArgs:
 def _label_leaves(tree, labels) -> list:
     """The ``MatrixDims`` (or ``None``) of every leaf of ``tree``, validated (rule labels whose
     matrix has a side of 1 fall back to ``None``)."""
-    views = labels_lib.resolve_labels(tree, labels, 1)  # validates (raises named errors)
-    label_tree = (labels_lib.label_matrices(tree) if labels is None
-                  else labels(tree) if callable(labels) else labels)
+    label_tree = labels_lib.label_tree(tree, labels)
+    views = labels_lib.resolve_labels(tree, label_tree, 1)  # validates (raises named errors)
     leaves = jax.tree.structure(tree).flatten_up_to(label_tree)
     out = []
     for lab, view in zip(leaves, views):
@@ -720,7 +719,8 @@ def frugal(
         return optax.partition(transforms, treedef.unflatten(names))
 
     def check(tree):
-        labels_lib.warn_if_nothing_projected(tree, labels, 1, "frugal")
+        labels_lib.warn_if_nothing_projected(tree, labels_lib.resolve_labels(tree, labels, 1),
+                                             labels, 1, "frugal")
 
     return _finish_decay_before(_tree_dependent(build, check), learning_rate, weight_decay,
                                 weight_decay_mask, skip_nonfinite)

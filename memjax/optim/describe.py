@@ -17,12 +17,11 @@ Example:
   >>> params = {"embed": jnp.zeros((100, 32)), "blocks": {"up": jnp.zeros((4, 32, 64))}}
   >>> d = memjax.optim.describe(memjax.optim.galore(1e-2, rank=8), params)
   >>> [(r.path, r.treatment, r.side, r.rank) for r in d.rows]
-  [('blocks/up', 'projected', 'right', 8), ('embed', 'full', '', 0)]
+  [('blocks/up', 'projected', 'left', 8), ('embed', 'full', '', 0)]
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -86,20 +85,40 @@ class Description(NamedTuple):
         return "\n".join(lines)
 
 
+def _is_bare_leaf(treedef) -> bool:
+    return treedef.num_leaves == 1 and treedef.num_nodes == 1
+
+
+def _param_shaped(node, treedef) -> bool:
+    """Whether ``node`` has the parameters' structure (leaves may be subtrees or MaskedNodes)."""
+    if _is_bare_leaf(treedef):
+        return False  # every node would match a bare-array tree
+    try:
+        treedef.flatten_up_to(node)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _split(state: Any, treedef) -> tuple[list[list[Any]], list[Any]]:
+    """The state's parameter-shaped subtrees (each flattened per parameter leaf), and the rest."""
+    shaped, rest = [], []
+    for node in jax.tree.leaves(state, is_leaf=lambda x: _param_shaped(x, treedef)):
+        if _param_shaped(node, treedef):
+            shaped.append(treedef.flatten_up_to(node))
+        else:
+            rest.append(node)
+    return shaped, rest
+
+
 def _charges(state: Any, treedef) -> tuple[list[int], int]:
     """Bytes of ``state`` per parameter leaf, and the rest."""
-    per_leaf = [0] * treedef.num_leaves
-
-    matches = lambda node: _flattens(node, treedef)  # noqa: E731
-    shared = 0
-    for node in jax.tree.leaves(state, is_leaf=matches):
-        if matches(node):
-            for i, sub in enumerate(treedef.flatten_up_to(node)):
-                per_leaf[i] += accounting.state_bytes(sub)
-        else:
-            shared += accounting.state_bytes(node)
-    if treedef.num_leaves == 1 and treedef.num_nodes == 1:
-        per_leaf[0], shared = shared, 0
+    shaped, rest = _split(state, treedef)
+    per_leaf = [sum(accounting.state_bytes(sub[i]) for sub in shaped)
+                for i in range(treedef.num_leaves)]
+    shared = accounting.state_bytes(rest)
+    if _is_bare_leaf(treedef):
+        return [shared], 0
     return per_leaf, shared
 
 
@@ -110,35 +129,21 @@ def _low_rank_info(state: Any, treedef, shapes) -> dict[int, tuple[str, int]]:
     for node in jax.tree.leaves(state, is_leaf=is_lr):
         if not is_lr(node):
             continue
-        projectors = treedef.flatten_up_to(node.projector)
-        lows = [None] * len(projectors)
-        for sub in jax.tree.leaves(node.inner_state,
-                                   is_leaf=lambda x: _flattens(x, treedef)):
-            if _flattens(sub, treedef):
-                for i, leaf in enumerate(treedef.flatten_up_to(sub)):
-                    if lows[i] is None and hasattr(leaf, "shape"):
-                        lows[i] = tuple(leaf.shape)
-        for i, p in enumerate(projectors):
+        # The first parameter-shaped subtree of the inner state holds the low-rank moments.
+        shaped, _ = _split(node.inner_state, treedef)
+        for i, p in enumerate(treedef.flatten_up_to(node.projector)):
             if isinstance(p, optax.MaskedNode):
                 continue
             side, rank, shape = "", 0, shapes[i]
-            low = lows[i]
-            if low is not None and len(low) >= 2 and len(shape) >= 2:
-                m, n = shape[-2], shape[-1]
-                if low[-2] == m and low[-1] < n:
-                    side, rank = "right", low[-1]
-                elif low[-1] == n and low[-2] < m:
-                    side, rank = "left", low[-2]
+            lows = [tuple(sub[i].shape) for sub in shaped if hasattr(sub[i], "shape")]
+            if lows and len(lows[0]) >= 2 and len(shape) >= 2:
+                (a, b), (m, n) = lows[0][-2:], shape[-2:]
+                if a == m and b < n:
+                    side, rank = "right", b
+                elif b == n and a < m:
+                    side, rank = "left", a
             out[i] = (side, int(rank))
     return out
-
-
-def _flattens(node, treedef) -> bool:
-    try:
-        treedef.flatten_up_to(node)
-    except (ValueError, TypeError):
-        return False
-    return not (treedef.num_leaves == 1 and treedef.num_nodes == 1)
 
 
 def describe(tx: optax.GradientTransformation, params: Any) -> Description:
@@ -158,19 +163,15 @@ def describe(tx: optax.GradientTransformation, params: Any) -> Description:
     shapes = [tuple(getattr(x, "shape", ())) for _, x in leaves_with_path]
     per_leaf, shared = _charges(state, treedef)
     projected = _low_rank_info(state, treedef, shapes)
+    # FRUGAL's block mode: its matrices hold no state of their own (the shared buffers do), while
+    # every other leaf keeps its full Adam moments.
     has_blocks = any(isinstance(x, BlockState) for x in jax.tree.leaves(
         state, is_leaf=lambda x: isinstance(x, BlockState)))
-    block_leaves = set()
-    if has_blocks:  # FRUGAL block mode: the default rule's matrices share the block buffers
-        for i, view in enumerate(labels_lib.resolve_labels(params, None, 1)):
-            if view is not None and per_leaf[i] == 0:
-                block_leaves.add(i)
     rows = []
     for i, (path, leaf) in enumerate(leaves_with_path):
         side, rank = projected.get(i, ("", 0))
-        treatment = ("projected" if i in projected else "block" if i in block_leaves else "full")
-        dtype = getattr(leaf, "dtype", None)
-        nbytes = math.prod(shapes[i]) * (jax.numpy.dtype(dtype).itemsize if dtype else 0)
+        treatment = ("projected" if i in projected
+                     else "block" if has_blocks and per_leaf[i] == 0 else "full")
         rows.append(LeafDescription(labels_lib.path_str(path), shapes[i], treatment, side, rank,
-                                    per_leaf[i], int(nbytes)))
+                                    per_leaf[i], accounting.state_bytes(leaf)))
     return Description(rows, shared, accounting.state_bytes(state))

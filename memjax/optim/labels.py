@@ -256,6 +256,14 @@ def label_matrices(params: Any, rank: int | None = None, *,
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
+def label_tree(params: Any, labels: Labels) -> LabelTree:
+    """The label pytree ``labels`` stands for: :func:`label_matrices` (``None``), ``labels(params)``
+    (a callable) or ``labels`` itself."""
+    if labels is None:
+        return label_matrices(params)
+    return labels(params) if callable(labels) else labels
+
+
 def resolve_labels(params: Any, labels: Labels, rank: int) -> list[MatrixView | None]:
     """Resolves ``labels`` into one static :class:`MatrixView` (or ``None``) per leaf of ``params``.
 
@@ -274,12 +282,7 @@ def resolve_labels(params: Any, labels: Labels, rank: int) -> list[MatrixView | 
         ValueError: a labelled leaf is not a matrix, or ``rank`` exceeds its smaller side, or the
             label tree does not match ``params``.
     """
-    if labels is None:
-        tree = label_matrices(params)
-    elif callable(labels):
-        tree = labels(params)
-    else:
-        tree = labels
+    tree = label_tree(params, labels)
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     try:
         label_leaves = treedef.flatten_up_to(tree)
@@ -323,9 +326,10 @@ class NoProjectionWarning(UserWarning):
     """A low-rank optimizer whose labels project no leaf: it runs as its full inner optimizer."""
 
 
-def unprojected_reasons(params: Any, labels: Labels, rank: int) -> list[str]:
-    """``["path (shape): why", ...]`` for every leaf of ``params`` that ``labels`` keep full-rank."""
-    views = resolve_labels(params, labels, rank)
+def unprojected_reasons(params: Any, views: list[MatrixView | None], labels: Labels,
+                        rank: int) -> list[str]:
+    """``["path (shape): why", ...]`` for every leaf whose resolved view (:func:`resolve_labels`
+    of ``labels`` and ``rank``) is ``None``."""
     out = []
     for (path, leaf), view in zip(jax.tree_util.tree_flatten_with_path(params)[0], views):
         if view is not None:
@@ -343,11 +347,12 @@ def unprojected_reasons(params: Any, labels: Labels, rank: int) -> list[str]:
     return out
 
 
-def warn_if_nothing_projected(params: Any, labels: Labels, rank: int, who: str) -> None:
-    """Warns (:class:`NoProjectionWarning`) when ``labels`` project no leaf of ``params``."""
-    if any(v is not None for v in resolve_labels(params, labels, rank)):
+def warn_if_nothing_projected(params: Any, views: list[MatrixView | None], labels: Labels,
+                              rank: int, who: str) -> None:
+    """Warns (:class:`NoProjectionWarning`) when no resolved view of ``params`` is a matrix."""
+    if any(v is not None for v in views):
         return
-    reasons = unprojected_reasons(params, labels, rank)
+    reasons = unprojected_reasons(params, views, labels, rank)
     shown = "; ".join(reasons[:8]) + (f"; ... ({len(reasons) - 8} more)" if len(reasons) > 8 else "")
     warnings.warn(
             f"{who}: no leaf is projected, so this optimizer runs as its full inner optimizer "

@@ -245,10 +245,13 @@ def scale_by_low_rank(
         return key
 
     def init_fn(params):
-        labels_lib.warn_if_nothing_projected(params, labels, rank, "scale_by_low_rank")
+        plans = plan(params)
+        labels_lib.warn_if_nothing_projected(
+            params, [None if lp is None else lp.view for lp in plans], labels, rank,
+            "scale_by_low_rank")
         leaves, treedef = jax.tree.flatten(params)
         pstates, rstates, proxies = [], [], []
-        for leaf, lp in zip(leaves, plan(params)):
+        for leaf, lp in zip(leaves, plans):
             if lp is None:
                 pstates.append(optax.MaskedNode())
                 rstates.append(optax.MaskedNode())

@@ -8,8 +8,12 @@ Memory: the update runs inside a loop taken once (finite) or never; a loop's car
 place, so the state and updates are written over the old state and the gradients as unguarded.
 A ``lax.cond`` around the update (this guard before 2026-11-30) cannot alias its outputs to its
 operands: a LLaMA-7B GaLore step's temp went from 29.7 GiB (unguarded) to 57.6 GiB with it, and is
-32.5 GiB with the loop. The recipes keep the guard on by default (``skip_nonfinite=True``); pass
-``False`` when the caller guards its step itself (as ``experiments`` does, around the clipping too).
+32.5 GiB with the loop (LLaMA-60M: 0.42 unguarded, 0.39 guarded; step time within noise). When
+the gradients are arguments of the jitted function rather than made inside it, the loop may not
+write over them and XLA copies them into its carry (an optimizer-only benchmark: +130 MB, +50% of
+its step at 60M; BENCHMARKS.md section 11). The recipes keep the guard on by default
+(``skip_nonfinite=True``); pass ``False`` when the caller guards its step itself (as
+``experiments`` does, around the clipping too).
 """
 
 from __future__ import annotations

@@ -98,6 +98,11 @@ class OptimizerConfig:
     """Adam beta2."""
     eps: float = 1e-6
     """Adam epsilon (1e-6 as in the GaLore authors' code, for every recipe; FRUGAL's is 1e-8)."""
+    layerwise: bool = False
+    """Gradient recipes: update each layer inside the backward pass (memjax.training.layerwise_step):
+    no gradient tree is held, so the step needs about one layer's gradient instead of all of them.
+    Clipping (schedule.clip_norm) is exact (a norm-only backward pass first, which also skips a
+    step with a non-finite gradient); gradient accumulation is supported."""
     adam_bits: AdamBits = 32
     """adamw, galore, fira, apollo, apollo_mini: bits of the Adam moments; 8 stores them as
     blockwise 8-bit codes (memjax.optim.scale_by_adam_8bit, block_size, min_8bit_size), as in the
@@ -187,7 +192,8 @@ class OptimizerConfig:
             name = f"frugal-{self.subspace}"
         elif self.name == "mezo" and self.zo_shared_seed:
             name = "mezo-shared-seed"
-        return f"{name}-8bit" if self.adam_bits == 8 else name
+        name = f"{name}-8bit" if self.adam_bits == 8 else name
+        return f"{name}-layerwise" if self.layerwise else name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,6 +471,9 @@ def validate(config: Config) -> None:
                                      and o.zo_samples >= 1):
             raise ConfigError(f"optimizer {o.display_name}: zo_eps={o.zo_eps} must be a finite "
                               f"number > 0 and zo_samples={o.zo_samples} an int >= 1")
+        if o.layerwise and o.name == "mezo":
+            raise ConfigError(f"optimizer {o.display_name}: layerwise applies to gradient "
+                              "recipes; mezo takes no backward pass")
         if o.adam_bits == 8 and o.name not in ADAM_8BIT_RECIPES:
             raise ConfigError(f"optimizer {o.display_name}: adam_bits=8 applies to "
                               f"{', '.join(ADAM_8BIT_RECIPES)} (q_galore is always 8-bit)")

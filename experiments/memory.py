@@ -9,7 +9,8 @@ on a laptop in seconds. XLA's buffer assignment (``compiled.memory_analysis()``)
     peak = arguments + outputs - aliased (donated) + temp
 
 Each row reports the parameters, the optimizer state, the gradients the step materialises (the
-whole tree for a gradient step, none for zeroth order), the temp and the peak, and the compile
+whole tree for a gradient step, none for zeroth order, one layer's plus the leaves outside the
+stack for a layerwise step), the temp and the peak, and the compile
 seconds. ``--json`` prints one JSON object per row; ``--plot`` draws stacked bars (parameters /
 optimizer state / gradients / activations and other temp), like Figure 1 of the GaLore paper.
 
@@ -43,6 +44,22 @@ AUTHORS_RANK = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1
 """GaLore's rank per LLaMA size (paper, Sec. 5; REFERENCES.md)."""
 
 
+def gradient_bytes(params, optimizer) -> int:
+    """Bytes of the gradients a step of ``optimizer`` holds at once: the whole tree for a gradient
+    step, none for zeroth order, and for a layerwise step one layer's slice of the stack plus the
+    leaves outside it (their gradient waits for the end of the backward pass)."""
+    import jax
+
+    from memjax.optim import state_bytes
+
+    if optimizer.name == "mezo":
+        return 0
+    if not optimizer.layerwise:
+        return state_bytes(params)
+    rest = state_bytes({k: v for k, v in params.items() if k != "blocks"})
+    return rest + sum(state_bytes(x) // x.shape[0] for x in jax.tree.leaves(params["blocks"]))
+
+
 def plan_row(config: Config, optimizer) -> dict:
     """Compiles ``optimizer``'s train step of ``config`` shape-only and reads its memory.
 
@@ -64,7 +81,7 @@ def plan_row(config: Config, optimizer) -> dict:
         "peak_bytes": mem["step_peak_bytes"],
         "params_bytes": mem["param_bytes"],
         "optimizer_state_bytes": mem["opt_state_bytes"],
-        "grads_bytes": 0 if optimizer.name == "mezo" else mem["param_bytes"],
+        "grads_bytes": gradient_bytes(tr.abstract_state.params, optimizer),
         "temp_bytes": step["temp"],
         "argument_bytes": step["argument"],
         "output_bytes": step["output"],
@@ -86,10 +103,13 @@ def plan(config: Config, *, on_row=None) -> list[dict]:
     return rows
 
 
-def at_preset(config: Config, preset: str, *, seq_len: int = 256, batch_size: int = 1) -> Config:
+def at_preset(config: Config, preset: str, *, seq_len: int = 256, batch_size: int = 1,
+              layerwise_rows: bool = True) -> Config:
     """``config`` with the model of ``memjax.models.lm.PRESETS[preset]``, float32, no remat, one
     ``batch_size x seq_len`` batch without accumulation, and every projected recipe at the
-    authors' rank for that size (:data:`AUTHORS_RANK`; rows of other recipes unchanged)."""
+    authors' rank for that size (:data:`AUTHORS_RANK`; rows of other recipes unchanged). With
+    ``layerwise_rows``, each gradient row that is not layerwise is followed by its layerwise twin
+    (label ``<label>-layerwise``)."""
     from memjax.models.lm import PRESETS
 
     if preset not in PRESETS:
@@ -100,10 +120,14 @@ def at_preset(config: Config, preset: str, *, seq_len: int = 256, batch_size: in
         num_heads=p.num_heads, ffn_dim=p.ffn_dim, remat="none", dtype="float32",
         param_dtype="float32", tie_embeddings=p.tie_embeddings)
     rank = AUTHORS_RANK.get(preset)
-    optimizers = tuple(
-        dataclasses.replace(o, label=o.display_name, **(
+    optimizers = []
+    for o in config.optimizers:
+        o = dataclasses.replace(o, label=o.display_name, **(
             {"rank": rank} if rank is not None and o.name in LOW_RANK_RECIPES else {}))
-        for o in config.optimizers)
+        optimizers.append(o)
+        if layerwise_rows and o.name != "mezo" and not o.layerwise:
+            optimizers.append(dataclasses.replace(o, layerwise=True, label=f"{o.label}-layerwise"))
+    optimizers = tuple(optimizers)
     return dataclasses.replace(
         config, model=model, optimizers=optimizers,
         data=dataclasses.replace(config.data, seq_len=seq_len, batch_size=batch_size),

@@ -1,7 +1,9 @@
 """Optimizers by name, with the GaLore-style learning-rate schedule, clipping and step skipping.
 
 Every gradient optimizer is ``skip_nonfinite(chain(clip_by_global_norm, recipe(schedule)))``: a
-step with a non-finite gradient changes neither the parameters nor the state. A recipe is one
+step with a non-finite gradient changes neither the parameters nor the state. A ``layerwise`` row
+takes the bare recipe: :func:`memjax.training.layerwise_step` clips and skips itself (a norm
+pass), since no gradient tree exists for a chain to see. A recipe is one
 function in :data:`RECIPES` from ``(OptimizerConfig, schedule)`` to an optax transform: adamw
 (optax) and the memjax recipes galore, fira, apollo, apollo_mini, frugal and q_galore with their
 authors' parameter names. Plug in another by adding a function here and its name to
@@ -141,16 +143,26 @@ def mezo_shared_seed(cfg: OptimizerConfig, lr: optax.Schedule) -> SharedSeedMezo
         stacked_axes=stacked_layer_axes, at_use=True, batch_axis=1))
 
 
+def step_kind(cfg: OptimizerConfig) -> str:
+    """The kind of training step ``cfg`` takes (one of :data:`experiments.trainer.STEP_KINDS`)."""
+    if cfg.name == "mezo":
+        return "shared_seed" if cfg.zo_shared_seed else "zeroth_order"
+    return "layerwise" if cfg.layerwise else "gradient"
+
+
 def build(cfg: OptimizerConfig, schedule: ScheduleConfig,
           fsdp: int = 1) -> tuple[Any, optax.Schedule]:
     """The full optimizer of ``cfg`` and its learning-rate schedule (for logging).
 
-    An optax transform (``skip_nonfinite(chain(clip, recipe))``), or for ``mezo`` a
+    An optax transform (``skip_nonfinite(chain(clip, recipe))``); with ``layerwise`` the bare
+    recipe (the layerwise step clips exactly and skips non-finite steps itself); for ``mezo`` a
     :class:`memjax.optim.ZerothOrderTransformation` (a :class:`SharedSeedMezo` with
     ``zo_shared_seed``). ``fsdp``: size of the mesh's fsdp axis (MeZO draws its noise unchunked
     when the parameters are sharded).
     """
     lr = warmup_cosine(cfg.learning_rate, schedule)
+    if cfg.layerwise and cfg.name != "mezo":
+        return RECIPES[cfg.name](cfg, lr), lr
     if cfg.name == "mezo" and cfg.zo_shared_seed:
         return mezo_shared_seed(cfg, lr), lr
     if cfg.name == "mezo":

@@ -80,7 +80,8 @@ def build_trainer(config: Config, optimizer: OptimizerConfig,
     tx, lr = optimizers.build(optimizer, s, fsdp=mesh.shape.get("fsdp", 1))
     return trainer.build(lm_config(config), tx, lr, mesh=mesh, rules=config.mesh.rules,
                          seed=config.seed, micro_batch=d.batch_size // s.grad_accum,
-                         grad_accum=s.grad_accum, seq_len=d.seq_len)
+                         grad_accum=s.grad_accum, seq_len=d.seq_len,
+                         kind=optimizers.step_kind(optimizer), clip_norm=s.clip_norm)
 
 
 def memory_report(tr: trainer.Trainer) -> dict:
@@ -215,7 +216,7 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
     def to_device(batch):
         return trainer.to_device(trainer.micro_batches(batch, s.grad_accum), tr.batch_shardings)
 
-    shared_seed = isinstance(tr.tx, memjax.optim.shared_seed.SharedSeedZO)
+    shared_seed = tr.kind == "shared_seed"
     replay_log = _load_replay_log(directory, start) if shared_seed else None
     val = [to_device(b) for b in source.val_batches]
     tokens_per_step = d.batch_size * d.seq_len
@@ -223,16 +224,16 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
     pending, window_start, warm = [], time.perf_counter(), False
     try:
         for done in range(start + 1, stop + 1):
-            state, step_metrics = tr.step(state, to_device(next(batches)))
-            pending.append(step_metrics)
+            state, step_metrics, record = tr.step(state, to_device(next(batches)))
+            pending.append((step_metrics, record))
             eval_due = _due(done, config.eval.every, steps)
             ckpt_due = _due(done, config.checkpoint.every, stop)
             if not (eval_due or ckpt_due or _due(done, config.log.log_every, stop)):
                 continue
-            host = [trainer.host_metrics(m) for m in pending]  # waits for the device
+            host = [trainer.host_metrics(m) for m, _ in pending]  # waits for the device
             if shared_seed:
-                for m in pending:
-                    replay_log = _append_replay(replay_log, trainer.replay_entry(m))
+                for _, record in pending:
+                    replay_log = _append_replay(replay_log, trainer.replay_entry(record))
             step_time = (time.perf_counter() - window_start) / len(host)
             records = _train_records(host, done, step_time, tokens_per_step, warm)
             pending, warm = [], True

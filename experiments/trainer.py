@@ -8,13 +8,17 @@ graph traversal happens per step. One step::
     updates, opt_state = tx.update(grads, opt_state, params)       # clip -> recipe, skip if non-finite
     params = params + updates
 
-With a zeroth-order optimizer (:class:`memjax.optim.ZerothOrderTransformation`, e.g.
-:func:`memjax.optim.mezo`) the step is ``tx.step(loss, params, opt_state, batch)`` instead: two
-perturbed forward passes per SPSA sample, the perturbation applied to each layer inside the
-model's scan body (``param_hook``), and no backward pass compiled.
+That is the ``"gradient"`` kind (:func:`memjax.training.gradient_step`). The other kinds
+(:data:`STEP_KINDS`, picked from the config by :func:`experiments.optimizers.step_kind`) implement
+the same :class:`memjax.training.Step` protocol: ``"layerwise"``
+(:func:`memjax.training.layerwise_step`: each layer updated inside the backward pass, no gradient
+tree), ``"zeroth_order"`` (:func:`memjax.optim.mezo`: two perturbed forward passes per SPSA
+sample, the perturbation applied inside the model's scan body, no backward pass compiled) and
+``"shared_seed"`` (:func:`memjax.optim.mezo_shared_seed`, whose replay-log entry is the step's
+``record``).
 
-is compiled once with explicit in/out shardings (parameters by logical axis names, optimizer state
-following them, batches over ``(data, fsdp)``) and the state donated.
+The step is compiled once with explicit in/out shardings (parameters by logical axis names,
+optimizer state following them, batches over ``(data, fsdp)``) and the state donated.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import memjax
-from experiments import optimizers, sharding
+from experiments import sharding
 from experiments.data import Batch
-from memjax.models.lm import LM, LMConfig, next_token_loss
+from memjax.models.lm import LM, LMConfig, layered, next_token_loss
 
 
 class TrainState(NamedTuple):
@@ -53,11 +57,14 @@ class Trainer:
       graphdef: the model's static graph.
       tx: the optimizer.
       schedule: its learning-rate schedule.
+      kind: the step kind (:data:`STEP_KINDS`).
       abstract_state: ``TrainState`` of ``jax.ShapeDtypeStruct`` s.
       state_shardings: ``TrainState`` of ``NamedSharding`` s.
       batch_shardings: ``Batch`` of ``NamedSharding`` s for (A, B / A, L) arrays.
       init: ``() -> TrainState`` (sharded).
-      step: compiled ``(TrainState, Batch) -> (TrainState, metrics)``; donates the state.
+      step: compiled ``(TrainState, Batch) -> (TrainState, metrics, record)``; donates the state.
+        ``metrics``: scalars (loss, grad_norm, lr, skipped); ``record``: what the step leaves for
+        the run's hooks (a shared-seed step's replay-log entry, else ``None``).
       eval_loss: ``(params, Batch) -> loss``.
       compiled_memory: XLA's memory figures of ``step`` (per device).
     """
@@ -65,6 +72,7 @@ class Trainer:
     graphdef: Any
     tx: optax.GradientTransformation
     schedule: optax.Schedule
+    kind: str
     abstract_state: TrainState
     state_shardings: TrainState
     batch_shardings: Batch
@@ -116,10 +124,58 @@ def _compiled_memory(compiled: Any) -> memjax.optim.CompiledMemory:
         generated_code=int(a.generated_code_size_in_bytes))
 
 
+STEP_KINDS = ("gradient", "layerwise", "zeroth_order", "shared_seed")
+"""The kinds of step a run can take (:func:`experiments.optimizers.step_kind` picks one from the
+config)."""
+
+
+def lr_step(kind: str, state: TrainState) -> jax.Array:
+    """The step count the learning rate of this step was read at (a zeroth-order optimizer counts
+    its own applied steps)."""
+    return state.opt_state.count if kind == "zeroth_order" else state.step
+
+
+def _make_step(kind, tx, lm_config, loss_fn, zo_loss, param_sh, clip_norm):
+    """``(params, opt_state, batch) -> (params, opt_state, metrics, record)`` of ``kind``:
+    a :class:`memjax.training.Step` plus what the step leaves for the run's hooks (``record``:
+    the replay-log entry of a shared-seed step, else ``None``)."""
+    if kind == "shared_seed":
+        codec = memjax.optim.shared_seed.DEFAULT_CODEC
+
+        def shared(params, opt_state, batch):
+            # The update's only collective is the int8 all-gather of the codes; the logged loss
+            # (mean of the workers' losses) adds an all-reduce of one float32 scalar.
+            params, opt_state, info = tx.step(params, opt_state, batch)
+            invalid = info.codes == memjax.optim.shared_seed.INVALID
+            metrics = {"loss": jnp.nanmean(info.losses),
+                       "grad_norm": jnp.mean(jnp.abs(codec.decode(info.codes))),
+                       "lr": info.learning_rate, "skipped": jnp.all(invalid).astype(jnp.int32),
+                       "dropped_samples": jnp.sum(invalid)}
+            return params, opt_state, metrics, info._replace(losses=None)
+
+        return shared
+    if kind == "zeroth_order":
+        step = memjax.training.zeroth_order_step(zo_loss, tx)
+    elif kind == "layerwise":
+        step = memjax.training.layerwise_step(
+            layered(lm_config), tx, clip_norm=clip_norm or None, guard="step",
+            micro_batched=True, param_shardings=param_sh)
+    else:
+        step = memjax.training.gradient_step(lambda p, mb: loss_fn(p, mb.tokens, mb.mask), tx,
+                                             grad_shardings=param_sh)
+    return lambda *args: (*step(*args), None)
+
+
 def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
           mesh: jax.sharding.Mesh, rules: tuple, seed: int, micro_batch: int, grad_accum: int,
-          seq_len: int) -> Trainer:
-    """Shardings and compiled init / step / eval of one run (nothing is allocated but the init)."""
+          seq_len: int, kind: str = "gradient", clip_norm: float = 0.0) -> Trainer:
+    """Shardings and compiled init / step / eval of one run (nothing is allocated but the init).
+
+    ``kind`` (one of :data:`STEP_KINDS`) names the step; ``tx`` is what that kind takes (an optax
+    transform for gradient and layerwise steps, a zeroth-order transformation, or a
+    :class:`experiments.optimizers.SharedSeedMezo`). ``clip_norm``: the layerwise step's exact
+    global-norm clipping (0: none); a gradient step's clipping is inside ``tx``.
+    """
     graphdef, abstract_params, logical = abstract_model(lm_config, seed)
     rep = sharding.replicated(mesh)
 
@@ -129,9 +185,10 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
             lambda mb: next_token_loss(nnx.merge(graphdef, params), mb.tokens, mb.mask,
                                        param_hook=hook), batch))
 
-    shared = None
-    if isinstance(tx, optimizers.SharedSeedMezo):  # replicated parameters, one byte per worker
-        shared = tx = tx.make(zo_loss, mesh)
+    if kind not in STEP_KINDS:
+        raise ValueError(f"unknown step kind {kind!r}; expected one of {STEP_KINDS}")
+    if kind == "shared_seed":  # replicated parameters, one byte per worker
+        tx = tx.make(zo_loss, mesh)
         param_sh = jax.tree.map(lambda _: rep, abstract_params)
     else:
         param_sh = sharding.param_shardings(abstract_params, logical, rules, mesh)
@@ -147,49 +204,15 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
     def loss_fn(params, tokens, mask):
         return next_token_loss(nnx.merge(graphdef, params), tokens, mask)
 
+    step_fn = _make_step(kind, tx, lm_config, loss_fn, zo_loss, param_sh, clip_norm)
+
     def train_step(state: TrainState, batch: Batch):
-        def micro(grad_sum, mb):
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, mb.tokens, mb.mask)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-        grad_sum, losses = jax.lax.scan(micro, optax.tree.zeros_like(state.params), batch)
-        grads = jax.lax.with_sharding_constraint(optax.tree.scale(1.0 / grad_accum, grad_sum), param_sh)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        metrics = {"loss": jnp.mean(losses), "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step), "skipped": opt_state.skipped}
-        return TrainState(state.step + 1, params, opt_state, rng), metrics
-
-    def zo_step(state: TrainState, batch: Batch):  # forward passes only: no backward is compiled
-        params, opt_state, info = tx.step(zo_loss, state.params, state.opt_state, batch)
+        params, opt_state, metrics, record = step_fn(state.params, state.opt_state, batch)
         params = jax.lax.with_sharding_constraint(params, param_sh)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        # grad_norm: the mean |projected gradient| of the SPSA samples; lr: the rate of the
-        # optimizer's own (applied-step) count, which the update used
-        metrics = {"loss": info.loss, "grad_norm": jnp.mean(jnp.abs(info.scalars)),
-                   "lr": schedule(state.opt_state.count), "skipped": info.skipped}
-        return TrainState(state.step + 1, params, opt_state, rng), metrics
-
-    def shared_step(state: TrainState, batch: Batch):
-        # The update's only collective is the int8 all-gather of the codes; the logged loss (mean
-        # of the workers' losses) adds an all-reduce of one float32 scalar.
-        params, opt_state, info = shared.step(state.params, state.opt_state, batch)
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        codec = memjax.optim.shared_seed.DEFAULT_CODEC
-        invalid = info.codes == memjax.optim.shared_seed.INVALID
-        metrics = {"loss": jnp.nanmean(info.losses),
-                   "grad_norm": jnp.mean(jnp.abs(codec.decode(info.codes))),
-                   "lr": info.learning_rate,
-                   "skipped": jnp.all(invalid), "dropped_samples": jnp.sum(invalid),
-                   # with "lr", the replay-log entry of this step (see experiments.run)
-                   "zo_key": info.step_key_data, "zo_codes": info.codes}
-        return TrainState(state.step + 1, params, opt_state, rng), metrics
-
-    if isinstance(tx, memjax.optim.ZerothOrderTransformation):
-        train_step = zo_step
-    elif shared is not None:
-        train_step = shared_step
+        lr = metrics.pop("lr", None)
+        metrics["lr"] = schedule(lr_step(kind, state)) if lr is None else lr
+        return TrainState(state.step + 1, params, opt_state, rng), metrics, record
 
     def eval_loss(params, batch: Batch):
         return jnp.mean(jax.lax.map(lambda mb: loss_fn(params, mb.tokens, mb.mask), batch))
@@ -200,11 +223,12 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
     batch_sh = Batch(sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 3))
     init_jit = jax.jit(init, out_shardings=state_sh)
     abstract_state = jax.eval_shape(init_jit)
-    step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+    step = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, rep, rep),
                    donate_argnums=0).lower(abstract_state, abstract_batch).compile()
     eval_jit = jax.jit(eval_loss, in_shardings=(param_sh, batch_sh), out_shardings=rep)
-    return Trainer(graphdef, tx, schedule, abstract_state, state_sh, batch_sh, init_jit, step,
-                   eval_jit, _compiled_memory(step))
+    return Trainer(graphdef, tx, schedule, kind, abstract_state, state_sh, batch_sh, init_jit,
+                   step, eval_jit, _compiled_memory(step))
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -212,22 +236,15 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-REPLAY_KEYS = ("zo_key", "zo_codes")
-"""Metrics of a shared-seed MeZO step that, with ``"lr"``, form its replay-log entry (not scalars
-to log)."""
-
-
 def host_metrics(metrics: dict) -> dict:
-    """Device scalars -> Python floats / ints (replay-log entries are left out)."""
+    """Device scalars -> Python floats / ints."""
     return {k: (int(v) if np.issubdtype(np.asarray(v).dtype, np.integer) else float(v))
-            for k, v in jax.device_get(metrics).items() if k not in REPLAY_KEYS}
+            for k, v in jax.device_get(metrics).items()}
 
 
-def replay_entry(metrics: dict) -> memjax.optim.shared_seed.SharedSeedInfo:
-    """The replay-log entry of a shared-seed MeZO step's metrics."""
-    key, codes, lr = (np.asarray(x) for x in jax.device_get([metrics[k] for k in (*REPLAY_KEYS,
-                                                                                   "lr")]))
-    return memjax.optim.shared_seed.SharedSeedInfo(None, codes, key, lr)
+def replay_entry(record) -> memjax.optim.shared_seed.SharedSeedInfo:
+    """The replay-log entry (host arrays) of a shared-seed MeZO step's record."""
+    return jax.tree.map(np.asarray, jax.device_get(record))
 
 
 def params_digest(params: Any) -> str:

@@ -3,7 +3,9 @@
 For the planner, not for training (``python -m experiments.memory --config memory_7b``): float32
 (XLA:CPU upcasts bf16 dots, so bf16 figures from a CPU overstate; the paper's figures are BF16),
 rows ``adamw``, ``adamw-8bit`` (blockwise 8-bit moments), ``galore`` (rank 1024, the authors' 7B
-rank), ``galore-8bit`` and ``mezo`` (forward passes only). Each row compiles in seconds; nothing is
+rank), ``galore-8bit``, ``galore-8bit-layerwise`` and ``apollo-mini-layerwise`` (each layer updated
+inside the backward pass: no gradient tree; the paper's per-layer weight updates) and ``mezo``
+(forward passes only). Each row compiles in seconds; nothing is
 allocated.
 """
 
@@ -21,6 +23,9 @@ CONFIG = Config(
         OptimizerConfig(name="adamw", label="adamw-8bit", learning_rate=1e-4, adam_bits=8),
         OptimizerConfig(label="galore", **_GALORE),
         OptimizerConfig(label="galore-8bit", adam_bits=8, **_GALORE),
+        OptimizerConfig(label="galore-8bit-layerwise", adam_bits=8, layerwise=True, **_GALORE),
+        OptimizerConfig(name="apollo_mini", label="apollo-mini-layerwise", learning_rate=1e-2,
+                        update_proj_gap=200, layerwise=True),
         OptimizerConfig(name="mezo", label="mezo", learning_rate=1e-6),
     ),
     data=DataConfig(source="stdlib", seq_len=256, batch_size=1),

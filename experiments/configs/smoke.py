@@ -1,4 +1,5 @@
-"""Seconds on a CPU: a 1-layer d=32 model, 40 steps of AdamW and GaLore (tests, CI, quick checks)."""
+"""Seconds on a CPU: a 1-layer d=32 model, 40 steps of AdamW, GaLore and layerwise GaLore (the
+optimizer inside the backward pass: the same updates as galore-svd) (tests, CI, quick checks)."""
 
 from experiments.config import (CheckpointConfig, Config, DataConfig, EvalConfig, LogConfig,
                                 ModelConfig, OptimizerConfig, ScheduleConfig)
@@ -9,6 +10,8 @@ CONFIG = Config(
     optimizers=(
         OptimizerConfig(name="adamw", learning_rate=3e-3),
         OptimizerConfig(name="galore", learning_rate=1e-2, rank=8, update_proj_gap=10),
+        OptimizerConfig(name="galore", learning_rate=1e-2, rank=8, update_proj_gap=10,
+                        layerwise=True),
     ),
     data=DataConfig(source="stdlib", seq_len=32, batch_size=8, max_corpus_bytes=300_000),
     schedule=ScheduleConfig(steps=40),

@@ -60,6 +60,7 @@ __all__ = [
     "RECURRENT_MIXERS",
     "REMAT_POLICIES",
     "generate",
+    "layered",
     "lm_preset",
     "next_token_loss",
     "num_params",
@@ -430,7 +431,13 @@ def next_token_loss(model: LM, tokens: jax.Array, mask: jax.Array | None = None,
     Returns:
       a float32 scalar.
     """
-    logits = model(tokens, param_hook=param_hook)[:, :-1]  # full length in, so mixers with length constraints see L
+    logits = model(tokens, param_hook=param_hook)  # full length in, so mixers with length constraints see L
+    return _next_token_nll(logits, tokens, mask)
+
+
+def _next_token_nll(logits: jax.Array, tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean (masked) cross-entropy of ``logits[:, :-1]`` against ``tokens[:, 1:]``."""
+    logits = logits[:, :-1]
     targets = tokens[:, 1:]
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -481,6 +488,45 @@ def generate(model: LM, prompt: jax.Array, num_tokens: int) -> jax.Array:
         return prompt
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, prompt, num_tokens)
+
+
+def layered(config: LMConfig) -> Any:
+    """The LM's :func:`next_token_loss` as a :class:`memjax.training.Layered` (embedding; one
+    block, rematerialised per ``config.remat``; final norm, head and loss), for
+    :func:`memjax.training.layerwise_step` on the pure-dict parameters
+    (``nnx.to_pure_dict(nnx.state(model, nnx.Param))``). Batches are ``(tokens, mask)`` pairs:
+    (B, L) int tokens and a (B, L - 1) mask of the targets (or ``None``).
+    """
+    from memjax.training import Layered
+
+    abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
+    if jax.tree.leaves(nnx.state(abstract, nnx.Not(nnx.Param))):
+        raise NotImplementedError("layered() supports models whose only state is nnx.Param")
+    embed_def = nnx.graphdef(abstract.embed)
+    norm_def = nnx.graphdef(abstract.final_norm)
+    head_def = None if abstract.lm_head is None else nnx.graphdef(abstract.lm_head)
+    block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0))))
+
+    def before(rest, batch):
+        tokens = batch[0]
+        if tokens.shape[1] > config.max_length:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_length="
+                             f"{config.max_length}")
+        return nnx.merge(embed_def, rest["embed"])(tokens)
+
+    def layer(w, x):
+        return nnx.merge(block_def, w)(x)
+
+    def after(rest, x, batch):
+        tokens, mask = batch
+        h = nnx.merge(norm_def, rest["final_norm"])(x)
+        if head_def is None:
+            logits = nnx.merge(embed_def, rest["embed"]).attend(h)
+        else:
+            logits = nnx.merge(head_def, rest["lm_head"])(h)
+        return _next_token_nll(logits.astype(jnp.float32), tokens, mask)
+
+    return Layered(before, _remat(layer, config.remat), after, stack="blocks")
 
 
 def num_params(config: LMConfig) -> int:

@@ -65,12 +65,17 @@ class LowRankState(NamedTuple):
       inner_state: the inner optimizer's state over the tree of projected (low-rank) and
         full-rank gradients.
       residual: pytree like the params with each residual policy's per-matrix state.
+      keys: pytree like the params; each low-rank leaf holds the raw PRNG key data of each of its
+        matrices (``(*batch, 2)`` uint32 for a stack), fixed at ``init``; a refresh at step ``t``
+        draws from ``fold_in(key, t)``. Kept per matrix so that one matrix's slice of the state
+        (a layerwise step, :func:`memjax.training.layerwise_step`) carries its own keys.
     """
 
     count: jax.Array
     projector: Any
     inner_state: optax.OptState
     residual: Any
+    keys: Any = None
 
 
 class _LeafPlan(NamedTuple):
@@ -184,7 +189,8 @@ def scale_by_low_rank(
         default :func:`memjax.optim.label_matrices` with ``rank``.
       refresh: ``"synchronous"`` or ``"staggered"``.
       seed: integer seed of the projectors' PRNG keys (``"random"`` draws a fresh key per refresh
-        from ``fold_in(fold_in(key(seed), leaf_index), step)``).
+        from ``fold_in(fold_in(key(seed), leaf_index), step)``; the ``b``-th matrix of a stacked
+        leaf from ``fold_in(fold_in(fold_in(key(seed), leaf_index), b), step)``).
       reset_inner_on_refresh: re-initialise the inner state of each matrix leaf (all slices of
         a stacked leaf) at the steps where its projector refreshes, before the inner update (FRUGAL resets
         Adam at every subspace change). The inner state's other fields (its step count) are
@@ -238,11 +244,17 @@ def scale_by_low_rank(
             j += 1
         return plans
 
-    def leaf_keys(lp: _LeafPlan, count) -> jax.Array:
-        key = _rng.fold_in(_rng.fold_in(jax.random.key(seed), lp.index), count)
+    def base_keys(lp: _LeafPlan) -> jax.Array:
+        """Raw key data of each matrix of a leaf: ``(2,)``, or ``(batch, 2)`` for a stack."""
+        key = _rng.fold_in(jax.random.key(seed), lp.index)
         if lp.batch:
-            return jax.vmap(lambda b: _rng.fold_in(key, b))(jnp.arange(lp.batch))
-        return key
+            return jax.vmap(lambda b: jax.random.key_data(_rng.fold_in(key, b)))(
+                jnp.arange(lp.batch))
+        return jax.random.key_data(key)
+
+    def leaf_keys(base: jax.Array, count) -> jax.Array:
+        fold = lambda k: _rng.fold_in(jax.random.wrap_key_data(k), count)  # noqa: E731
+        return jax.vmap(fold)(base) if base.ndim > 1 else fold(base)
 
     def init_fn(params):
         plans = plan(params)
@@ -250,15 +262,17 @@ def scale_by_low_rank(
             params, [None if lp is None else lp.view for lp in plans], labels, rank,
             "scale_by_low_rank")
         leaves, treedef = jax.tree.flatten(params)
-        pstates, rstates, proxies = [], [], []
+        pstates, rstates, proxies, kstates = [], [], [], []
         for leaf, lp in zip(leaves, plans):
             if lp is None:
                 pstates.append(optax.MaskedNode())
                 rstates.append(optax.MaskedNode())
+                kstates.append(optax.MaskedNode())
                 proxies.append(leaf)
                 continue
+            kstates.append(base_keys(lp))
             # Placeholder projector: replaced at t = 0, which always refreshes.
-            pstates.append(_batched(lp.projector.init, lp.batch, 0)(leaf_keys(lp, 0)))
+            pstates.append(_batched(lp.projector.init, lp.batch, 0)(leaf_keys(kstates[-1], 0)))
             rinit = lambda _: residual.init((lp.view.m, lp.view.n), leaf.dtype)  # noqa: E731
             rstates.append(_batched(rinit, lp.batch, 0)(jnp.arange(max(lp.batch, 1))))
             low_shape = ((lp.batch,) if lp.batch else ()) + lp.projector.low_shape
@@ -268,6 +282,7 @@ def scale_by_low_rank(
             projector=treedef.unflatten(pstates),
             inner_state=inner.init(treedef.unflatten(proxies)),
             residual=treedef.unflatten(rstates),
+            keys=treedef.unflatten(kstates),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -276,10 +291,11 @@ def scale_by_low_rank(
         plans = plan(updates)
         pstates = treedef.flatten_up_to(state.projector)
         rstates = treedef.flatten_up_to(state.residual)
+        kstates = treedef.flatten_up_to(state.keys)
         count = state.count
 
         lows, mats, new_pstates, dues = [], [], [], []
-        for g, lp, ps in zip(leaves, plans, pstates):
+        for g, lp, ps, base in zip(leaves, plans, pstates, kstates):
             if lp is None:
                 lows.append(g)
                 mats.append(None)
@@ -290,7 +306,7 @@ def scale_by_low_rank(
             due = (count % update_proj_gap) == lp.offset
             if lp.offset:
                 due = jnp.logical_or(due, count == 0)
-            keys = leaf_keys(lp, count)
+            keys = leaf_keys(base, count)
             refresh_fn = _one_slice_at_a_time(lp.projector.refresh, lp.batch)
             ps = jax.lax.cond(due, lambda m=mat, p=ps, k=keys: refresh_fn(m, p, k),
                               lambda p=ps: p)
@@ -332,6 +348,7 @@ def scale_by_low_rank(
             projector=treedef.unflatten(new_pstates),
             inner_state=inner_state,
             residual=treedef.unflatten(new_rstates),
+            keys=state.keys,
         )
         return treedef.unflatten(new_updates), new_state
 

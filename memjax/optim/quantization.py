@@ -114,6 +114,34 @@ def _unblocks(blocks: jax.Array, shape) -> jax.Array:
     return blocks.reshape(-1)[:size].reshape(shape)
 
 
+def _slice_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """Blocks that never straddle the leading (stack) axis of an ``x`` with ``ndim >= 3``: each
+    ``x[i]`` is flattened, padded and cut on its own, giving
+    ``(x.shape[0] * num_blocks(x[0].size), block_size)``. A lower-rank ``x`` is :func:`_blocks`."""
+    if x.ndim < 3:
+        return _blocks(x, block_size)
+    rows = x.reshape(x.shape[0], -1)
+    nb = num_blocks(rows.shape[1], block_size)
+    rows = jnp.pad(rows, ((0, 0), (0, nb * block_size - rows.shape[1])))
+    return rows.reshape(x.shape[0] * nb, block_size)
+
+
+def _slice_unblocks(blocks: jax.Array, shape) -> jax.Array:
+    """Inverse of :func:`_slice_blocks`."""
+    if len(shape) < 3:
+        return _unblocks(blocks, shape)
+    row = math.prod(shape[1:])
+    return blocks.reshape(shape[0], -1)[:, :row].reshape(shape)
+
+
+def slice_absmax_shape(shape, block_size: int) -> tuple[int, ...]:
+    """Shape of the absmax of a leaf of ``shape`` in :func:`scale_by_adam_8bit`:
+    ``(shape[0], num_blocks(prod(shape[1:])))`` for ``ndim >= 3``, else ``(num_blocks(size),)``."""
+    if len(shape) < 3:
+        return (num_blocks(math.prod(shape), block_size),)
+    return (shape[0], num_blocks(math.prod(shape[1:]), block_size))
+
+
 def quantize_blockwise(x: jax.Array, block_size: int = 256, map: str = "dynamic",
                        signed: bool = True) -> tuple[jax.Array, jax.Array]:
     """Blockwise absmax quantization of ``x`` to int8 codes.
@@ -254,8 +282,8 @@ class ScaleByAdam8bitState(NamedTuple):
       count: int32 scalar, steps taken.
       mu: first moments like the params: int8 codes (float32 moments for leaves smaller than
         ``min_8bit_size``).
-      mu_absmax: float32 ``(num_blocks,)`` per leaf (an unused ``(1,)`` placeholder for float32
-        leaves).
+      mu_absmax: float32 per leaf, :func:`slice_absmax_shape` (an unused ``(1,)`` placeholder for
+        float32 leaves).
       nu: second moments, like ``mu``.
       nu_absmax: like ``mu_absmax``.
     """
@@ -280,7 +308,10 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
     :func:`memjax.optim.scale_by_hf_adam`; ``bias_correction=False`` returns
     :math:`M / (\sqrt V + \epsilon)`); then ``M`` (signed map) and ``V`` (unsigned map) are
     requantized. Leaves with fewer than ``min_8bit_size`` entries keep float32 moments (like
-    bitsandbytes). Usable standalone or as the ``inner=`` optimizer of every memjax recipe.
+    bitsandbytes). A leaf with ``ndim >= 3`` (a stack of matrices) is cut into blocks slice by
+    slice (each ``x[i]`` on its own; bitsandbytes flattens the whole tensor, as done here for
+    lower ranks), so the moments of a stack of layers are those of each layer quantized alone, and a layerwise step
+    (:func:`memjax.training.layerwise_step`) can update one layer's slice of the state. Usable standalone or as the ``inner=`` optimizer of every memjax recipe.
 
     Args:
       b1, b2, eps: Adam hyperparameters.
@@ -312,8 +343,8 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
     if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
         raise ValueError(f"min_8bit_size={min_8bit_size!r} must be an int >= 0.")
 
-    def quantized(x) -> bool:
-        return x.size >= min_8bit_size
+    def quantized(x) -> bool:  # an empty leaf (e.g. a layerwise step's stand-in) stays float32
+        return x.size >= max(min_8bit_size, 1)
 
     def init_moment(x):
         if quantized(x):
@@ -322,8 +353,8 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
 
     def init_absmax(x):
         # float32 leaves keep a (1,) placeholder: checkpointers (orbax) refuse zero-size arrays
-        n = num_blocks(x.size, block_size) if quantized(x) else 1
-        return jnp.zeros((n,), jnp.float32)
+        shape = slice_absmax_shape(x.shape, block_size) if quantized(x) else (1,)
+        return jnp.zeros(shape, jnp.float32)
 
     def init_fn(params):
         return ScaleByAdam8bitState(
@@ -347,11 +378,11 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
         # Blockwise, CHUNK_BLOCKS blocks at a time, so the float32 moments of only one chunk are
         # ever live; every chunk is written back in place (see _map_chunks_in_place).
         fn = functools.partial(block_step, step)
-        out, mq, ma, vq, va = _map_chunks_in_place(
-            fn, _blocks(g32, block_size), _blocks(mq, block_size), ma, _blocks(vq, block_size),
-            va)
-        return (_unblocks(out, g.shape).astype(g.dtype), _unblocks(mq, g.shape), ma,
-                _unblocks(vq, g.shape), va)
+        out, mq, ma_flat, vq, va_flat = _map_chunks_in_place(
+            fn, _slice_blocks(g32, block_size), _slice_blocks(mq, block_size), ma.reshape(-1),
+            _slice_blocks(vq, block_size), va.reshape(-1))
+        return (_slice_unblocks(out, g.shape).astype(g.dtype), _slice_unblocks(mq, g.shape),
+                ma_flat.reshape(ma.shape), _slice_unblocks(vq, g.shape), va_flat.reshape(va.shape))
 
     def update_fn(updates, state, params=None):
         del params

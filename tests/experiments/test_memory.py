@@ -22,8 +22,12 @@ def smoke_rows():
 
 
 def test_rows_are_the_compiled_steps(smoke_rows):
-    adamw, galore, mezo = smoke_rows
-    assert [r["label"] for r in smoke_rows] == ["adamw", "galore-svd", "mezo"]
+    adamw, galore, layerwise, mezo = smoke_rows
+    assert [r["label"] for r in smoke_rows] == ["adamw", "galore-svd", "galore-svd-layerwise",
+                                                "mezo"]
+    # the same recipe state; the standard row's guard adds its int32 skip count
+    assert galore["optimizer_state_bytes"] - layerwise["optimizer_state_bytes"] == 4
+    assert layerwise["grads_bytes"] == galore["grads_bytes"]  # one layer: its gradient is all
     for r in smoke_rows:
         assert KEYS <= set(r)
         assert r["peak_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
@@ -34,6 +38,18 @@ def test_rows_are_the_compiled_steps(smoke_rows):
     assert mezo["optimizer_state_bytes"] < 100  # a key and a count
     text = memory.table(smoke_rows, "smoke")
     assert "| galore-svd |" in text and "peak / adamw" in text and "1.000x" in text
+
+
+def test_layerwise_rows_count_one_layer_of_gradients():
+    import jax
+    import jax.numpy as jnp
+
+    params = {"embed": jax.ShapeDtypeStruct((10, 4), jnp.float32),
+              "blocks": {"w": jax.ShapeDtypeStruct((3, 4, 4), jnp.float32)}}
+    row = OptimizerConfig(name="galore")
+    assert memory.gradient_bytes(params, row) == 4 * (40 + 48)
+    assert memory.gradient_bytes(params, dataclasses.replace(row, layerwise=True)) == 4 * (40 + 16)
+    assert memory.gradient_bytes(params, OptimizerConfig(name="mezo")) == 0
 
 
 def test_cli_json_and_plot(tmp_path, capsys):
@@ -53,9 +69,11 @@ def test_at_preset_uses_the_papers_setting():
     assert (config.model.d_model, config.model.num_layers, config.model.ffn_dim) == (4096, 32, 11008)
     assert config.model.param_dtype == "float32" and config.model.remat == "none"
     assert (config.data.batch_size, config.data.seq_len, config.schedule.grad_accum) == (1, 256, 1)
-    adamw, galore = config.optimizers
+    adamw, adamw_lw, galore, galore_lw = config.optimizers
     assert galore.rank == 1024 and galore.label == "galore-svd" and adamw.label == "adamw"
-    assert memory.at_preset(parse([]), "llama_1b").optimizers[1].rank == 512
+    assert galore_lw == dataclasses.replace(galore, layerwise=True, label="galore-svd-layerwise")
+    assert adamw_lw.layerwise and adamw_lw.label == "adamw-layerwise"
+    assert memory.at_preset(parse([]), "llama_1b").optimizers[2].rank == 512
     with pytest.raises(ConfigError, match="unknown model preset"):
         memory.at_preset(parse([]), "llama_9b")
 
@@ -63,11 +81,15 @@ def test_at_preset_uses_the_papers_setting():
 def test_named_configs():
     m7 = configs.load("memory_7b")
     assert [o.display_name for o in m7.optimizers] == [
-        "adamw", "adamw-8bit", "galore", "galore-8bit", "mezo"]
+        "adamw", "adamw-8bit", "galore", "galore-8bit", "galore-8bit-layerwise",
+        "apollo-mini-layerwise", "mezo"]
     assert m7.model.d_model == 4096 and m7.data.batch_size * m7.data.seq_len == 256
     assert parse([]).memory_presets == ("llama_1b", "llama_7b")
     with pytest.raises(ConfigError, match="memory_presets"):
         memory.plan(dataclasses.replace(configs.load("smoke"), memory_presets=("nope",)))
+    with pytest.raises(ConfigError, match="layerwise applies to gradient"):
+        memory.plan(dataclasses.replace(configs.load("smoke"), optimizers=(
+            OptimizerConfig(name="mezo", layerwise=True),)))
     with pytest.raises(ConfigError, match="adam_bits=8 applies to"):
         memory.plan(dataclasses.replace(configs.load("smoke"), optimizers=(
             OptimizerConfig(name="frugal", adam_bits=8),)))

@@ -128,7 +128,7 @@ def test_recipe_trains_through_the_trainer(label, batch):
     before = jax.tree.map(np.asarray, state.params)
     losses = []
     for _ in range(STEPS):
-        state, m = tr.step(state, on_device)
+        state, m, _ = tr.step(state, on_device)
         m = trainer.host_metrics(m)
         assert m["skipped"] == 0, label
         losses.append(m["loss"])

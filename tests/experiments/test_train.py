@@ -126,12 +126,25 @@ def test_reference_run_learns_and_writes_its_files(reference):
         mem[o.display_name] = json.loads((directory / "memory.json").read_text())
     assert mem["galore-svd"]["opt_state_bytes"] < mem["adamw"]["opt_state_bytes"]
     assert mem["adamw"]["param_bytes"] == mem["galore-svd"]["param_bytes"] > 0
+    # the layerwise row takes the same updates (with the same exact clipping) on the 2 x 4 mesh
+    # the same recipe state; the standard row's guard adds its int32 skip count
+    assert mem["galore-svd"]["opt_state_bytes"] - mem["galore-svd-layerwise"]["opt_state_bytes"] == 4
+    same, layerwise = (
+        [r for r in records[label] if r["split"] == "train"]
+        for label in ("galore-svd", "galore-svd-layerwise"))
+    np.testing.assert_allclose([r["loss"] for r in layerwise], [r["loss"] for r in same],
+                               rtol=1e-4)
+    np.testing.assert_allclose([r["grad_norm"] for r in layerwise],
+                               [r["grad_norm"] for r in same], rtol=1e-3)
 
 
 def test_stop_and_resume_is_bit_identical(reference, tmp_path):
-    """GaLore (the larger state: projectors, low-rank moments) stops at 15, resumes to 40."""
+    """GaLore and layerwise GaLore (the larger state: projectors, low-rank moments) stop at 15,
+    resume to 40."""
     config, expected = reference
     galore_only = lambda c: dataclasses.replace(c, optimizers=c.optimizers[1:])  # noqa: E731
+    assert [o.display_name for o in galore_only(config).optimizers] == [
+        "galore-svd", "galore-svd-layerwise"]
     stopped = galore_only(_config(tmp_path, stop_after=15))  # a refresh at 10, the next at 20
     run_experiment(stopped)
     assert _records(run.run_dir(stopped, stopped.optimizers[0]))[-1]["step"] == 15
@@ -231,7 +244,7 @@ def test_gradient_accumulation_matches_one_big_batch_and_nonfinite_steps_are_ski
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state.params)  # one batch of 8
 
     batch = Batch(tokens, np.ones((8, 15), np.float32))
-    state, m = tr.step(state, trainer.to_device(trainer.micro_batches(batch, 2), tr.batch_shardings))
+    state, m, _ = tr.step(state, trainer.to_device(trainer.micro_batches(batch, 2), tr.batch_shardings))
     m = trainer.host_metrics(m)
     np.testing.assert_allclose(m["loss"], loss, rtol=1e-6)
     np.testing.assert_allclose(m["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
@@ -239,6 +252,6 @@ def test_gradient_accumulation_matches_one_big_batch_and_nonfinite_steps_are_ski
 
     bad = Batch(tokens, np.full((8, 15), np.nan, np.float32))
     before = jax.tree.map(np.asarray, (state.params, state.opt_state.inner_state))
-    state, m = tr.step(state, trainer.to_device(trainer.micro_batches(bad, 2), tr.batch_shardings))
+    state, m, _ = tr.step(state, trainer.to_device(trainer.micro_batches(bad, 2), tr.batch_shardings))
     assert trainer.host_metrics(m)["skipped"] == 1
     jax.tree.map(np.testing.assert_array_equal, (state.params, state.opt_state.inner_state), before)

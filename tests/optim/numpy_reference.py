@@ -383,15 +383,33 @@ def dequantize_8bit(codes, absmax, block, kind, signed):
     return out.reshape(np.shape(codes)).astype(np.float32)
 
 
+def quantize_8bit_slices(x, block, kind, signed):
+    """:func:`quantize_8bit` of each ``x[i]`` on its own when ``x.ndim >= 3`` (absmax
+    ``(x.shape[0], blocks per slice)``) when ``x.ndim >= 3``; of ``x`` whole otherwise."""
+    x = np.asarray(x, np.float32)
+    if x.ndim < 3:
+        return quantize_8bit(x, block, kind, signed)
+    parts = [quantize_8bit(row, block, kind, signed) for row in x]
+    return np.stack([c for c, _ in parts]), np.stack([a for _, a in parts])
+
+
+def dequantize_8bit_slices(codes, absmax, block, kind, signed):
+    if np.ndim(codes) < 3:
+        return dequantize_8bit(codes, absmax, block, kind, signed)
+    return np.stack([dequantize_8bit(c, a, block, kind, signed) for c, a in zip(codes, absmax)])
+
+
 def adam_8bit_step(g, mu_codes, mu_absmax, nu_codes, nu_absmax, t, block, kind, b1=0.9,
                    b2=0.999, eps=1e-6):
     """One 8-bit Adam step from a given quantized state (``t`` counts from 1): returns the HF
-    update computed from the float32 moments and the requantized state."""
+    update computed from the float32 moments and the requantized state (blocks per leading slice
+    for ``ndim >= 3``)."""
     g = np.asarray(g, np.float32)
-    m = b1 * dequantize_8bit(mu_codes, mu_absmax, block, kind, True) + (1 - b1) * g
-    v = b2 * dequantize_8bit(nu_codes, nu_absmax, block, kind, False) + (1 - b2) * g * g
+    m = b1 * dequantize_8bit_slices(mu_codes, mu_absmax, block, kind, True) + (1 - b1) * g
+    v = b2 * dequantize_8bit_slices(nu_codes, nu_absmax, block, kind, False) + (1 - b2) * g * g
     u = np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
-    return u, quantize_8bit(m, block, kind, True), quantize_8bit(v, block, kind, False)
+    return (u, quantize_8bit_slices(m, block, kind, True),
+            quantize_8bit_slices(v, block, kind, False))
 
 
 def quantize_minmax(x, bits, group):

@@ -94,7 +94,8 @@ def test_zero_blocks_and_bad_arguments():
 def test_adam_8bit_matches_numpy_model_teacher_forced(kind):
     block, steps = 64, 12
     tx = memjax.optim.scale_by_adam_8bit(block_size=block, map=kind, min_8bit_size=0)
-    shapes = {"w": (40, 30), "b": (7,)}
+    # "stack": a stack of three (10, 9) matrices, cut into blocks slice by slice (90 = 64 + 26)
+    shapes = {"w": (40, 30), "b": (7,), "stack": (3, 10, 9)}
     state = tx.init({k: jnp.zeros(s) for k, s in shapes.items()})
     update = jax.jit(tx.update)
     rng = np.random.default_rng(2)
@@ -114,6 +115,7 @@ def test_adam_8bit_matches_numpy_model_teacher_forced(kind):
                 assert diff.max() <= 1 and np.mean(diff == 0) >= 0.99, (k, t)
         state = new
     assert int(state.count) == steps
+    assert state.mu_absmax["stack"].shape == (3, 2)
 
 
 def test_adam_8bit_state_is_int8_plus_block_scales():

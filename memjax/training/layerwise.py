@@ -152,7 +152,9 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
         same as for a standard step. A transform that mixes leaves (``clip_by_global_norm``,
         ``skip_nonfinite``) is refused with a ``ValueError``: use ``clip_norm`` and ``guard``.
       clip_norm: exact global-norm clipping :math:`g \leftarrow g\min(1, c/\lVert g\rVert)`
-        (costs one more backward pass: the norm pass); ``None``: no clipping.
+        (costs one more backward pass: the norm pass); a float > 0, or a scalar array (e.g. a
+        traced argument, so one compiled step serves several values; ``inf`` clips nothing);
+        ``None``: no clipping.
       guard: ``"step"`` (a non-finite gradient anywhere skips the whole step; runs the norm
         pass), ``"layer"`` (no norm pass; a layer with a non-finite gradient is left as is) or
         ``None``.
@@ -186,7 +188,8 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
     """
     if guard not in GUARDS:
         raise ValueError(f"layerwise_step: guard={guard!r} must be one of {GUARDS}")
-    if clip_norm is not None and (isinstance(clip_norm, bool) or not clip_norm > 0):
+    if (clip_norm is not None and not isinstance(clip_norm, jax.Array)
+            and (isinstance(clip_norm, bool) or not clip_norm > 0)):
         raise ValueError(f"layerwise_step: clip_norm={clip_norm!r} must be > 0 or None")
     if not isinstance(model, Layered):
         raise TypeError(f"layerwise_step: model must be a memjax.training.Layered, got "

@@ -17,6 +17,7 @@ near-zero entry takes (a step of 2 lr either way), which no reordering of sums c
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 
@@ -51,17 +52,18 @@ def _model(remat: str = "none"):
     return config, graphdef, nnx.to_pure_dict(params)
 
 
-def _standard_step(graphdef, tx, clip):
-    def step(params, state, batch):
+def _standard_step(graphdef, tx):
+    """``(params, state, batch, clip) -> (params, state, loss)``; ``clip = inf`` clips nothing
+    (:func:`memjax.optim.clip_by_global_norm`'s rule, with the bound as an argument)."""
+    def step(params, state, batch, clip):
         def micro(acc, mb):
             loss, g = jax.value_and_grad(
                 lambda p: next_token_loss(nnx.merge(graphdef, p), mb[0], mb[1]))(params)
             return jax.tree.map(jnp.add, acc, g), loss
         g, losses = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), batch)
         g = jax.tree.map(lambda x: x / losses.shape[0], g)
-        if clip is not None:
-            g = memjax.optim.clip_by_global_norm(clip).update(g, None)[0]
-        updates, state = tx.update(g, state, params)
+        factor = jnp.minimum(1.0, clip / optax.tree.norm(g))
+        updates, state = tx.update(jax.tree.map(lambda x: x * factor, g), state, params)
         return optax.apply_updates(params, updates), state, jnp.mean(losses)
     return jax.jit(step)
 
@@ -73,21 +75,32 @@ def _batches(num_micro, seed=0):
         yield tokens, jnp.ones((num_micro, 4, 15), jnp.float32)
 
 
-def _run_both(name, clip=None, num_micro=1, remat="none", teacher_forced=False):
+@functools.lru_cache(maxsize=None)
+def _compiled(name, remat):
+    """The model, the recipe and both steps, jitted once per recipe: the clipping bound is an
+    argument of both (``inf``: no clipping), so a recipe's runs with and without clipping share
+    one compilation."""
     config, graphdef, params = _model(remat)
     tx = RECIPES[name]()
-    standard = _standard_step(graphdef, tx, clip)
-    layerwise = jax.jit(memjax.training.layerwise_step(layered(config), tx, clip_norm=clip,
-                                                       micro_batched=True))
+    model = layered(config)
+    layerwise = jax.jit(lambda p, s, b, c: memjax.training.layerwise_step(
+        model, tx, clip_norm=c, micro_batched=True)(p, s, b))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", memjax.optim.NoProjectionWarning)
-        p1 = p2 = params
-        s1 = s2 = tx.init(params)
+        state = tx.init(params)
+    return params, state, _standard_step(graphdef, tx), layerwise
+
+
+def _run_both(name, clip=None, num_micro=1, remat="none", teacher_forced=False):
+    params, state, standard, layerwise = _compiled(name, remat)
+    bound = jnp.float32(jnp.inf if clip is None else clip)
+    p1 = p2 = params
+    s1 = s2 = state
     for batch in _batches(num_micro):
         if teacher_forced:
             p2, s2 = p1, s1
-        p1, s1, loss1 = standard(p1, s1, batch)
-        p2, s2, metrics = layerwise(p2, s2, batch)
+        p1, s1, loss1 = standard(p1, s1, batch, bound)
+        p2, s2, metrics = layerwise(p2, s2, batch, bound)
         np.testing.assert_allclose(metrics["loss"], loss1, rtol=1e-5)
         assert int(metrics["skipped"]) == 0
         if teacher_forced:
@@ -119,17 +132,16 @@ def _assert_params_close(a, b, rtol=1e-5):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("clip", [None, 0.5], ids=["noclip", "clip"])
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_layerwise_equals_standard_step(name, clip):
-    quantized = name == "q_galore"
-    (p1, s1), (p2, s2) = _run_both(name, clip, teacher_forced=quantized)
-    _assert_params_close(p1, p2)
-    assert jax.tree.structure(s1) == jax.tree.structure(s2)
+def test_layerwise_equals_standard_step(name):
+    """Without clipping (bound inf) and with clipping at 0.5, from the same start."""
+    for clip in (None, 0.5):
+        (p1, s1), (p2, s2) = _run_both(name, clip, teacher_forced=name == "q_galore")
+        _assert_params_close(p1, p2)
+        assert jax.tree.structure(s1) == jax.tree.structure(s2)
 
 
-@pytest.mark.parametrize("name,remat,num_micro", [("galore", "full", 3), ("apollo", "selective", 2),
-                                                  ("adamw", "none", 2)])
+@pytest.mark.parametrize("name,remat,num_micro", [("galore", "full", 3), ("apollo", "selective", 2)])
 def test_layerwise_accumulation_and_remat_equal_standard_step(name, remat, num_micro):
     (p1, _), (p2, _) = _run_both(name, clip=1.0, num_micro=num_micro, remat=remat)
     _assert_params_close(p1, p2)

@@ -44,7 +44,6 @@ done in the authors' code with PyTorch's ``register_post_accumulate_grad_hook``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -98,11 +97,8 @@ def _residual_layout(layer, w, h) -> _Residuals:
 
 
 def _abstract_state(tx, leaves, treedef):
-    """``tx.init`` of a layer's (or the rest's) tree, shape-only (it projects nothing on purpose:
-    no warning)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return jax.eval_shape(tx.init, treedef.unflatten(list(leaves)))
+    """``tx.init`` of a layer's (or the rest's) tree, shape-only."""
+    return plan_lib.abstract_init(tx, treedef.unflatten(list(leaves)))
 
 
 def _check_leafwise(tx, plan: plan_lib.StackPlan, treedef) -> None:
@@ -122,17 +118,13 @@ def _check_leafwise(tx, plan: plan_lib.StackPlan, treedef) -> None:
             "are handled by layerwise_step(guard=...).")
 
 
-def _zeros_like_sds(x):
-    return jnp.zeros(x.shape, x.dtype)
-
-
 def _select(ok, new, old):
-    if ok is None:
-        return new
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    """``new`` where ``ok`` (a scalar; ``None``: always), else ``old``."""
+    return new if ok is None else optax.tree.where(ok, new, old)
 
 
 def _sq_norm(tree) -> jax.Array:
+    """Squared L2 norm summed in float32 (``optax.tree.norm`` sums in the leaves' dtype)."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros([], jnp.float32)
@@ -292,15 +284,15 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
         # ---- norm pass
         if norm_pass:
             def norm_body(carry, xs):
-                cts, sq, held = carry
+                cts, sq = carry
                 saved_l, l = xs
                 w = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, l, keepdims=False),
                                  stack)
                 g, cts = layer_grad(w, saved_l, cts)
-                return (cts, sq + _sq_norm(g), held), None
+                return (cts, sq + _sq_norm(g)), None
 
-            (cts0, sq_layers, _), _ = jax.lax.scan(
-                norm_body, (cts_last, jnp.zeros([], jnp.float32), None), (saved, layers),
+            (cts0, sq_layers), _ = jax.lax.scan(
+                norm_body, (cts_last, jnp.zeros([], jnp.float32)), (saved, layers),
                 reverse=True)
             g_rest_full = jax.tree.map(jnp.add, g_rest, before_grad(cts0))
             total_sq = sq_layers + _sq_norm(g_rest_full)
@@ -355,8 +347,8 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
                     grads_t.append((gi * scale.astype(gi.dtype))[None])
                     params_t.append(w_stack[pos_in_stack[i]])
                 else:
-                    grads_t.append(_zeros_like_sds(x))
-                    params_t.append(_zeros_like_sds(x))
+                    grads_t.append(plan_lib.zeros(x))
+                    params_t.append(plan_lib.zeros(x))
             slices = dict(zip(per_layer_idx, s_slices))
             st = plan_lib.build_state(plan.layer_parts, opt_state, layer_abstract, slices)
             upd, new_st = tx.update(treedef.unflatten(grads_t), st, treedef.unflatten(params_t))
@@ -404,8 +396,8 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
         grads_r, params_r = [], []
         for i, x in enumerate(plan.rest_tree):
             if plan.stacked[i] and plan.separable[i]:
-                grads_r.append(_zeros_like_sds(x))
-                params_r.append(_zeros_like_sds(x))
+                grads_r.append(plan_lib.zeros(x))
+                params_r.append(plan_lib.zeros(x))
             else:
                 gi = rest_leaves_g[i]
                 grads_r.append(gi if plan.stacked[i] else gi * scale.astype(gi.dtype))

@@ -35,11 +35,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from memjax.optim.labels import NoProjectionWarning
+
 SLICE, WHOLE, ZEROS = "slice", "whole", "zeros"
 
 
 def _sds(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+
+def abstract_init(tx: Any, tree: Any) -> Any:
+    """``tx.init(tree)`` shape-only. A tree with stand-ins projects nothing by design, so the
+    recipes' :class:`memjax.optim.NoProjectionWarning` is silenced here (no other warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoProjectionWarning)
+        return jax.eval_shape(tx.init, tree)
 
 
 def placeholder(x: Any) -> jax.ShapeDtypeStruct:
@@ -225,9 +235,7 @@ def plan_stack(tx: Any, params: Any, stack: str) -> StackPlan:
         plan = _plan_stack(tx, params, stack, held)
         treedef = jax.tree.structure(params)
         grads = treedef.unflatten(list(plan.layer_tree))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = jax.eval_shape(tx.init, grads)
+        state = abstract_init(tx, grads)
         n = len(plan.layer_tree)
         deps = dependence.output_dependence(lambda g, s: tx.update(g, s, g)[1], n, grads, state)
         sep = {i for i, ok in enumerate(plan.separable) if ok}
@@ -254,9 +262,7 @@ def _plan_stack(tx: Any, params: Any, stack: str, held: set[int]) -> StackPlan:
     (num_layers,) = sizes
 
     def init(tree_leaves) -> Any:
-        with warnings.catch_warnings():  # placeholder trees project nothing, by design
-            warnings.simplefilter("ignore")
-            return jax.eval_shape(tx.init, treedef.unflatten(list(tree_leaves)))
+        return abstract_init(tx, treedef.unflatten(list(tree_leaves)))
 
     full = init(leaves)
     full_leaves = jax.tree.leaves(full)
@@ -335,7 +341,8 @@ def _indexed_leaves(full: Any, other: Any):
         j += len(la)
 
 
-def _zeros(template: Any) -> Any:
+def zeros(template: Any) -> Any:
+    """Zeros like a tree of ``ShapeDtypeStruct`` s (or arrays)."""
     return jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), template)
 
 
@@ -354,7 +361,7 @@ def build_state(parts: tuple[PartPlan, ...], full_state: Any, template_state: An
     new = []
     for part, (a, _) in zip(parts, pairs):
         if not part.leafwise:
-            new.append(_zeros(part.template))
+            new.append(zeros(part.template))
             continue
         la, treedef = jax.tree.flatten(a)
         lt = jax.tree.leaves(part.template)

@@ -27,6 +27,8 @@ StateFreeRule = Literal["sign", "sgd", "none"]
 ScaleType = Literal["channel", "tensor"]
 ProjBits = Literal[4, 8]
 AdamBits = Literal[32, 8]
+WeightBits = Literal[32, 8]
+WeightRounding = Literal["stochastic", "nearest"]
 ProjType = Literal["std", "reverse_std", "left", "right", "min_state"]
 RefreshMode = Literal["synchronous", "staggered"]
 DataSourceName = Literal["stdlib", "text", "tokens", "selective_copy", "mqar", "hf"]
@@ -107,6 +109,15 @@ class OptimizerConfig:
     """adamw, galore, fira, apollo, apollo_mini: bits of the Adam moments; 8 stores them as
     blockwise 8-bit codes (memjax.optim.scale_by_adam_8bit, block_size, min_8bit_size), as in the
     GaLore paper's 8-bit rows (q_galore is always 8-bit)."""
+    weight_bits: WeightBits = 32
+    """Gradient recipes: bits of the blocks' linear weights; 8 keeps them as INT8 codes with a
+    scale per group of weight_group_size (memjax.optim.QuantizedWeight; Q-GaLore, Q-APOLLO), each
+    update applied by dequantising, adding and re-quantising with weight_rounding. Embedding,
+    head and norms stay float."""
+    weight_group_size: int = 256
+    """weight_bits 8: entries per scale (Q-GaLore 256, Q-APOLLO-Mini 128)."""
+    weight_rounding: WeightRounding = "stochastic"
+    """weight_bits 8: stochastic rounding (unbiased; the authors') or nearest (for comparison)."""
     rank: int = 16
     """Low-rank recipes (galore, fira, apollo, q_galore): projection rank r; apollo_mini is rank 1."""
     update_proj_gap: int = 50
@@ -193,6 +204,8 @@ class OptimizerConfig:
         elif self.name == "mezo" and self.zo_shared_seed:
             name = "mezo-shared-seed"
         name = f"{name}-8bit" if self.adam_bits == 8 else name
+        if self.weight_bits == 8:
+            name = f"{name}-int8" + ("-nearest" if self.weight_rounding == "nearest" else "")
         return f"{name}-layerwise" if self.layerwise else name
 
 
@@ -474,6 +487,15 @@ def validate(config: Config) -> None:
         if o.layerwise and o.name == "mezo":
             raise ConfigError(f"optimizer {o.display_name}: layerwise applies to gradient "
                               "recipes; mezo takes no backward pass")
+        if o.weight_bits == 8 and o.name == "mezo":
+            raise ConfigError(f"optimizer {o.display_name}: weight_bits=8 applies to gradient "
+                              "recipes (mezo perturbs float weights)")
+        if o.weight_bits == 8:
+            from memjax.optim import WeightFormat
+            try:
+                WeightFormat(8, o.weight_group_size, o.weight_rounding)
+            except ValueError as err:
+                raise ConfigError(f"optimizer {o.display_name}: {err}") from None
         if o.adam_bits == 8 and o.name not in ADAM_8BIT_RECIPES:
             raise ConfigError(f"optimizer {o.display_name}: adam_bits=8 applies to "
                               f"{', '.join(ADAM_8BIT_RECIPES)} (q_galore is always 8-bit)")

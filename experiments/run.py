@@ -34,15 +34,20 @@ def run_dir(config: Config, optimizer: OptimizerConfig) -> pathlib.Path:
     return pathlib.Path(config.log.output_dir) / config.name / optimizer.display_name
 
 
-def lm_config(config: Config) -> LMConfig:
-    """The model of ``config`` (``max_length`` = ``data.seq_len``); bad fields raise ConfigError."""
+def lm_config(config: Config, optimizer: OptimizerConfig | None = None) -> LMConfig:
+    """The model of ``config`` (``max_length`` = ``data.seq_len``) as ``optimizer`` trains it
+    (its ``weight_bits``: INT8 block weights); bad fields raise ConfigError."""
     m = config.model
+    weights = {}
+    if optimizer is not None and optimizer.weight_bits == 8:
+        weights = dict(weight_bits=8, weight_group_size=optimizer.weight_group_size,
+                       weight_rounding=optimizer.weight_rounding)
     try:
         return LMConfig(
             vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
             num_heads=m.num_heads, ffn_dim=m.ffn_dim, max_length=config.data.seq_len,
             mixer=m.mixer, remat=m.remat, tie_embeddings=m.tie_embeddings, dtype=m.dtype,
-            param_dtype=m.param_dtype)
+            param_dtype=m.param_dtype, **weights)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
 
@@ -78,7 +83,7 @@ def build_trainer(config: Config, optimizer: OptimizerConfig,
     allocated (the memory planner compiles exactly this)."""
     s, d = config.schedule, config.data
     tx, lr = optimizers.build(optimizer, s, fsdp=mesh.shape.get("fsdp", 1))
-    return trainer.build(lm_config(config), tx, lr, mesh=mesh, rules=config.mesh.rules,
+    return trainer.build(lm_config(config, optimizer), tx, lr, mesh=mesh, rules=config.mesh.rules,
                          seed=config.seed, micro_batch=d.batch_size // s.grad_accum,
                          grad_accum=s.grad_accum, seq_len=d.seq_len,
                          kind=optimizers.step_kind(optimizer), clip_norm=s.clip_norm)

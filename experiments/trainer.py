@@ -99,10 +99,31 @@ def initial_params(lm_config: LMConfig, seed: int) -> Any:
 
 
 def abstract_model(lm_config: LMConfig, seed: int = 0) -> tuple[Any, Any, Any]:
-    """``(graphdef, abstract params (pure dict), logical PartitionSpecs (pure dict))``."""
+    """``(graphdef, abstract params (pure dict), logical PartitionSpecs (pure dict))``; with INT8
+    weights, the specs are the float weights' (see :func:`param_shardings`)."""
     model = nnx.eval_shape(lambda: LM(lm_config, rngs=nnx.Rngs(params=seed)))
     graphdef, params = nnx.split(model, nnx.Param, ...)[:2]
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(nnx.get_partition_spec(params))
+    if lm_config.weight_bits is not None:
+        float_model = nnx.eval_shape(lambda: LM(dataclasses.replace(lm_config, weight_bits=None),
+                                                rngs=nnx.Rngs(params=seed)))
+        logical = nnx.get_partition_spec(nnx.state(float_model, nnx.Param))
+    else:
+        logical = nnx.get_partition_spec(params)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(logical)
+
+
+def param_shardings(abstract_params: Any, logical: Any, rules: tuple,
+                    mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+    """``(shardings of the parameters, shardings of their float view)``: an INT8 weight's codes
+    shard as the float weight it replaces, its scales and keys along the layers only
+    (:func:`memjax.optim.quantized_weights.weight_shardings`); the float view (gradients,
+    optimizer state) shards as the float weights."""
+    qw = memjax.optim.quantized_weights
+    float_sh = sharding.param_shardings(qw.float_shapes(abstract_params), logical, rules, mesh)
+    param_sh = jax.tree.map(
+        lambda a, s: qw.weight_shardings(a, s) if qw.is_quantized(a) else s,
+        abstract_params, float_sh, is_leaf=qw.is_quantized)
+    return param_sh, float_sh
 
 
 def micro_batches(batch: Batch, grad_accum: int) -> Batch:
@@ -187,24 +208,31 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
 
     if kind not in STEP_KINDS:
         raise ValueError(f"unknown step kind {kind!r}; expected one of {STEP_KINDS}")
+    qw = memjax.optim.quantized_weights
     if kind == "shared_seed":  # replicated parameters, one byte per worker
         tx = tx.make(zo_loss, mesh)
-        param_sh = jax.tree.map(lambda _: rep, abstract_params)
+        param_sh = float_sh = jax.tree.map(lambda _: rep, abstract_params)
     else:
-        param_sh = sharding.param_shardings(abstract_params, logical, rules, mesh)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_sh = memjax.optim.state_shardings(abstract_opt, abstract_params, param_sh)
+        param_sh, float_sh = param_shardings(abstract_params, logical, rules, mesh)
+    if lm_config.weight_bits is not None and kind not in ("gradient", "layerwise"):
+        raise ValueError(f"INT8 weights (weight_bits) need a gradient or layerwise step, not "
+                         f"{kind!r}")
+    float_params = qw.float_shapes(abstract_params)  # what the optimizer sees
+    abstract_opt = jax.eval_shape(tx.init, float_params)
+    opt_sh = memjax.optim.state_shardings(abstract_opt, float_params, float_sh)
     state_sh = TrainState(rep, param_sh, opt_sh, rep)
 
     def init() -> TrainState:
         params = init_model_params(lm_config, seed)
         rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
-        return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params), rng)
+        opt_state = tx.init(qw.dequantize_weights(params))
+        return TrainState(jnp.zeros([], jnp.int32), params, opt_state, rng)
 
     def loss_fn(params, tokens, mask):
         return next_token_loss(nnx.merge(graphdef, params), tokens, mask)
 
-    step_fn = _make_step(kind, tx, lm_config, loss_fn, zo_loss, param_sh, clip_norm)
+    step_fn = _make_step(kind, tx, lm_config, loss_fn, zo_loss,
+                         param_sh if kind == "layerwise" else float_sh, clip_norm)
 
     def train_step(state: TrainState, batch: Batch):
         params, opt_state, metrics, record = step_fn(state.params, state.opt_state, batch)

@@ -28,6 +28,14 @@ depth. The scan body is wrapped in ``jax.checkpoint`` according to ``LMConfig.re
 Cached decoding (``init_cache`` / ``decode_step`` / :func:`generate`) exists for mixers with a
 recurrent form: attention (a KV cache), mamba and linear (their ``init_cache`` / ``step``).
 
+INT8 weights (``LMConfig.weight_bits=8``; Q-GaLore, Zhang et al. 2024, arXiv 2407.08296): the
+linear kernels of the blocks (attention q/k/v/o and MLP gate/up/down, the authors' target modules;
+every 2-D ``kernel`` of a block for other mixers) are held as
+:class:`memjax.optim.QuantizedWeight` s (uint8 codes, a scale and zero point per group of
+``weight_group_size`` entries, quantised from the usual initial weights) and dequantised one layer
+at a time inside the scan body. The embedding, the head and the norms stay float, as the authors
+keep them. Updates re-quantise with ``weight_rounding`` (:mod:`memjax.optim.quantized_weights`).
+
 Parameters carry logical axis names -- ``"vocab"``, ``"embed"``, ``"mlp"``, ``"heads"`` and
 ``"layers"`` on the stacked axis -- as metadata; see :func:`memjax.models.layers.partitioned`.
 
@@ -51,6 +59,7 @@ from flax.core import FrozenDict
 
 from memjax.models.attention import CausalSelfAttention
 from memjax.models.layers import DEFAULT_INIT_STD, RMSNorm, SwiGLU, partitioned
+from memjax.optim import quantized_weights as qw
 
 __all__ = [
     "LM",
@@ -101,6 +110,10 @@ class LMConfig:
       dtype: computation dtype (activations); logits are always float32.
       param_dtype: parameter dtype.
       norm_eps: RMSNorm epsilon.
+      weight_bits: ``None`` (float weights) or 8: the blocks' linear kernels in INT8 (see the
+        module docstring).
+      weight_group_size: entries per scale of the INT8 kernels (must divide each kernel's size).
+      weight_rounding: ``"stochastic"`` or ``"nearest"``: how updates re-quantise them.
     """
 
     vocab_size: int
@@ -116,6 +129,9 @@ class LMConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     norm_eps: float = 1e-6
+    weight_bits: int | None = None
+    weight_group_size: int = 256
+    weight_rounding: str = "stochastic"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim", "max_length"):
@@ -145,6 +161,16 @@ class LMConfig:
             dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
         except TypeError as err:
             raise ValueError(f"bad dtype in LMConfig: {err}") from None
+        if self.weight_bits is not None:
+            fmt = self.weight_format  # validates bits, group size and rounding (ValueError)
+            sizes = {"d_model * d_model": self.d_model**2, "d_model * ffn_dim":
+                     self.d_model * self.ffn_dim}
+            bad = [name for name, size in sizes.items() if size % fmt.group_size]
+            if bad:
+                raise ValueError(
+                    f"weight_group_size={fmt.group_size} must divide the entries of every INT8 "
+                    f"kernel; it does not divide {', '.join(bad)} "
+                    f"({', '.join(str(sizes[b]) for b in bad)})")
         object.__setattr__(self, "mixer_kwargs", FrozenDict(self.mixer_kwargs))
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "param_dtype", param_dtype)
@@ -152,6 +178,13 @@ class LMConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def weight_format(self) -> qw.WeightFormat | None:
+        """The :class:`memjax.optim.WeightFormat` of the blocks' kernels (``None``: float)."""
+        if self.weight_bits is None:
+            return None
+        return qw.WeightFormat(self.weight_bits, self.weight_group_size, self.weight_rounding)
 
 
 PRESETS: Mapping[str, LMConfig] = FrozenDict(
@@ -265,6 +298,28 @@ def stack_layers(make_layer: Any, num_layers: int, key: jax.Array) -> nnx.Module
     return nnx.merge(graphdef, state)
 
 
+def is_block_kernel(path: str, leaf: Any) -> bool:
+    """Whether a leaf of the stacked blocks (``path`` relative to them) is a linear kernel that
+    INT8 weights replace: a ``kernel`` that is a matrix in each layer (stacked: 3 dims)."""
+    return path.split("/")[-1] == "kernel" and jnp.ndim(leaf) == 3
+
+
+def quantize_blocks(blocks: nnx.Module, fmt: qw.WeightFormat, key: jax.Array) -> None:
+    """Replace, in place, the stacked blocks' linear kernels (:func:`is_block_kernel`) by
+    :class:`memjax.optim.QuantizedWeight` s of format ``fmt`` (one key chain per layer and
+    kernel, from ``key``)."""
+    state = nnx.state(blocks, nnx.Param)
+    pure = qw.quantize_weights(nnx.to_pure_dict(state), fmt, where=is_block_kernel, seed=key,
+                               lead_axes=1)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(blocks, state)
+
+
+def _dequantized(state: Any) -> Any:
+    """A layer's (or the stack's) state with its INT8 kernels dequantised (float32)."""
+    return qw.dequantize_weights(state)
+
+
 ParamHook = Callable[[str, Any, Any], Any]
 """``(name, param_state, layer_index_or_None) -> param_state``; see :meth:`LM.__call__`."""
 
@@ -310,7 +365,10 @@ class LM(nnx.Module):
             embedding_init=partitioned(nnx.initializers.normal(DEFAULT_INIT_STD), ("vocab", "embed")),
             rngs=rngs,
         )
-        self.blocks = stack_layers(lambda r: Block(c, rngs=r), c.num_layers, rngs.params())
+        blocks_key = rngs.params()
+        self.blocks = stack_layers(lambda r: Block(c, rngs=r), c.num_layers, blocks_key)
+        if c.weight_format is not None:  # the usual initial weights, quantised
+            quantize_blocks(self.blocks, c.weight_format, jax.random.fold_in(blocks_key, 1))
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         if c.tie_embeddings:
             self.lm_head = None
@@ -345,6 +403,7 @@ class LM(nnx.Module):
 
         def body(x, layer):
             layer_params, layer_rest, index = layer
+            layer_params = _dequantized(layer_params)  # one layer at a time
             if param_hook is not None:
                 layer_params = param_hook("blocks", layer_params, index)
             return nnx.merge(graphdef, layer_params, layer_rest)(x), None
@@ -409,7 +468,7 @@ class LM(nnx.Module):
 
         def body(x, layer):
             layer_state, layer_cache = layer
-            return nnx.merge(graphdef, layer_state).step(x, layer_cache, position)
+            return nnx.merge(graphdef, _dequantized(layer_state)).step(x, layer_cache, position)
 
         x, cache = jax.lax.scan(body, self.embed(token), (state, cache))
         return self._logits(x), cache
@@ -532,4 +591,5 @@ def layered(config: LMConfig) -> Any:
 def num_params(config: LMConfig) -> int:
     """Number of parameters of ``LM(config)``, from shapes only (nothing is allocated)."""
     abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
-    return sum(p.size for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    return sum(p.size for p in jax.tree.leaves(nnx.state(abstract, nnx.Param),
+                                               is_leaf=qw.is_quantized))

@@ -66,14 +66,29 @@ def _threefry_key(key: jax.Array) -> bool:
             and _partitionable_threefry(str(jax.random.key_impl(key))))
 
 
-def _fused_normal(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """The unrolled-threefry Gaussian of a (partitionable) threefry key's uint32 ``(2,)`` data."""
+def _fused_unit(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform floats on ``[0, 1)`` from the top 23 bits of the unrolled threefry hash of a
+    (partitionable) threefry key's uint32 ``(2,)`` data."""
     lo = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     b1, b2 = threefry2x32(key_data[0], key_data[1], jnp.zeros_like(lo), lo)
     bits = b1 ^ b2
     one = np.array(1.0, np.float32).view(np.uint32)
-    floats = jax.lax.bitcast_convert_type(
+    return jax.lax.bitcast_convert_type(
         jax.lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(one), jnp.float32) - 1.0
+
+
+def uniform(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``jax.random.uniform(wrap_key_data(key_data), shape, float32)`` on ``[0, 1)``, bit for bit,
+    fused (as :func:`normal`)."""
+    if (not _partitionable_threefry(str(jax.config.jax_default_prng_impl))
+            or math.prod(shape) >= 2**32):
+        return jax.random.uniform(jax.random.wrap_key_data(key_data), shape, jnp.float32)
+    return jnp.maximum(np.float32(0.0), _fused_unit(key_data, shape))
+
+
+def _fused_normal(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The unrolled-threefry Gaussian of a (partitionable) threefry key's uint32 ``(2,)`` data."""
+    floats = _fused_unit(key_data, shape)
     low = np.nextafter(np.float32(-1.0), np.float32(0.0))
     u = jnp.maximum(low, floats * (np.float32(1.0) - low) + low)
     return np.float32(np.sqrt(2)) * jax.lax.erf_inv(u)

@@ -37,6 +37,7 @@ from memjax.optim import guards
 from memjax.optim import labels as labels_lib
 from memjax.optim import projectors as proj_lib
 from memjax.optim import quantization as quant_lib
+from memjax.optim import quantized_weights as weights_lib
 from memjax.optim import residual as residual_lib
 from memjax.optim.adam import scale_by_hf_adam
 from memjax.optim.low_rank import scale_by_low_rank
@@ -45,11 +46,13 @@ from memjax.optim.weight_decay import add_decayed_weights_after_step
 
 def _finish(core: optax.GradientTransformation, learning_rate, weight_decay, weight_decay_mask,
             skip_nonfinite: bool) -> optax.GradientTransformationExtraArgs:
+    """``skip_nonfinite(chain(core, lr, weight decay))``, run on the float view of INT8 weights
+    (:func:`memjax.optim.quantized_weights.on_float_view`)."""
     parts = [core, optax.scale_by_learning_rate(learning_rate)]
     if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
         parts.append(add_decayed_weights_after_step(weight_decay, learning_rate, weight_decay_mask))
     tx = optax.chain(*parts)
-    return guards.skip_nonfinite(tx) if skip_nonfinite else optax.with_extra_args_support(tx)
+    return weights_lib.on_float_view(guards.skip_nonfinite(tx) if skip_nonfinite else tx)
 
 
 def galore(
@@ -340,7 +343,8 @@ def apollo_mini(
 
     Per matrix only two ``m x 1`` moments, a seed and one limiter scalar are stored (SGD-like
     memory); the defaults are the authors' (rank 1, ``scale_type="tensor"``, ``scale=128``).
-    All arguments as :func:`apollo`.
+    All arguments as :func:`apollo`. Over INT8 weights (groups of 128, stochastic rounding:
+    :mod:`memjax.optim.quantized_weights`) this is Q-APOLLO-Mini.
 
     Example:
       >>> import jax.numpy as jnp, memjax
@@ -568,7 +572,7 @@ def _finish_decay_before(core, learning_rate, weight_decay, weight_decay_mask, s
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     tx = optax.chain(*parts)
-    return guards.skip_nonfinite(tx) if skip_nonfinite else optax.with_extra_args_support(tx)
+    return weights_lib.on_float_view(guards.skip_nonfinite(tx) if skip_nonfinite else tx)
 
 
 def frugal(
@@ -769,8 +773,11 @@ def q_galore(
     * the inner Adam keeps 8-bit blockwise moments (:func:`scale_by_adam_8bit`, ``block_size``;
       leaves smaller than ``min_8bit_size`` keep float32 moments).
 
-    The authors also keep the *weights* in INT8 with stochastic rounding; weights are the
-    caller's, so that part is not in this transform.
+    The authors also keep the *weights* in INT8 with stochastic rounding (groups of 256), as
+    every recipe can: the weights are parameters (:class:`memjax.optim.QuantizedWeight`, made by
+    :func:`memjax.optim.quantize_weights` or ``LMConfig(weight_bits=8)``); this transform runs on
+    their float view, and the step applies its update by dequantising, adding and re-quantising
+    (:func:`memjax.optim.apply_updates`, :func:`memjax.training.layerwise_step`).
 
     Args:
       learning_rate, rank, update_proj_gap, scale, proj_type, b1, b2, eps, weight_decay,

@@ -38,6 +38,12 @@ Gradient accumulation: the micro-batches are summed inside each layer's backward
 micro-batch's saved residuals and cotangent are kept; one layer-sized accumulator), so the
 update sees the exact mean gradient, for every recipe and at refresh steps.
 
+INT8 weights (:class:`memjax.optim.QuantizedWeight` leaves, e.g. ``LMConfig(weight_bits=8)``):
+each layer is dequantised where it is used (forward, backward, update), ``tx`` sees the float
+view, and the update pass writes the layer back re-quantised with the weight's rounding
+(:func:`memjax.optim.quantized_weights.apply_update`): no float copy of the stack exists. The
+rounding bits come from each layer's own key, so they equal the standard step's.
+
 Reference: the per-layer weight update of GaLore (Zhao et al. 2024, arXiv 2403.03507, Sec. 4.3),
 done in the authors' code with PyTorch's ``register_post_accumulate_grad_hook``.
 """
@@ -51,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from memjax.optim import quantized_weights as qw
 from memjax.training import dependence
 from memjax.training import stack_plan as plan_lib
 
@@ -123,6 +130,22 @@ def _select(ok, new, old):
     return new if ok is None else optax.tree.where(ok, new, old)
 
 
+def _slice(x, start, size=1):
+    """Rows ``[start, start + size)`` of every array of ``x`` (an array or a quantised weight)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, 0), x)
+
+
+def _write(stacks, values, at):
+    """Each ``values[n]`` (one row) written into ``stacks[n]`` at row ``at``."""
+    return [jax.tree.map(lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, at, 0), s, v)
+            for s, v in zip(stacks, values)]
+
+
+def _view(x):
+    """The float value of a parameter leaf (a quantised weight dequantised)."""
+    return qw.dequantize(x) if qw.is_quantized(x) else x
+
+
 def _sq_norm(tree) -> jax.Array:
     """Squared L2 norm summed in float32 (``optax.tree.norm`` sums in the leaves' dtype)."""
     leaves = jax.tree.leaves(tree)
@@ -192,8 +215,9 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
     def static_plan(params):
         key = jax.tree.structure(params), tuple((x.shape, x.dtype) for x in jax.tree.leaves(params))
         if key not in cache:
-            plan = plan_lib.plan_stack(tx, params, model.stack)
-            treedef = jax.tree.structure(params)
+            view = qw.float_shapes(params)
+            plan = plan_lib.plan_stack(tx, view, model.stack)
+            treedef = jax.tree.structure(view)
             _check_leafwise(tx, plan, treedef)
             cache[key] = (plan, treedef, _abstract_state(tx, plan.layer_tree, treedef),
                           _abstract_state(tx, plan.rest_tree, treedef))
@@ -207,12 +231,13 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
         mbs = batch if micro_batched else jax.tree.map(lambda x: x[None], batch)
         num_micro = jax.tree.leaves(mbs)[0].shape[0]
         stack = params[model.stack]
-        rest = {k: v for k, v in params.items() if k != model.stack}
+        # the leaves outside the stack, as floats (a quantised one dequantised whole: it is small)
+        rest = qw.dequantize_weights({k: v for k, v in params.items() if k != model.stack})
         leaves = treedef.flatten_up_to(params)
         stack_idx = [i for i, s in enumerate(plan.stacked) if s]
         sep_idx = [i for i in stack_idx if plan.separable[i]]
         held_idx = [i for i in stack_idx if not plan.separable[i]]
-        stack_def = jax.tree.structure(stack)
+        stack_def = jax.tree.structure(stack, is_leaf=qw.is_quantized)
         # position of each stacked param leaf in the stack subtree's own flattening
         pos_in_stack = {i: n for n, i in enumerate(stack_idx)}
         sh_leaves = (treedef.flatten_up_to(param_shardings) if param_shardings is not None
@@ -222,11 +247,13 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
             if sh_leaves is None:
                 return None
             s = sh_leaves[i]
+            s = s.codes if qw.is_quantized(s) else s  # a quantised weight's gradient: as its codes
             spec = tuple(s.spec) + (None,) * (len(leaves[i].shape) - len(s.spec))
             return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec[1:]))
 
         # ---- forward: residuals (without weights) of every layer, for every micro-batch
-        w0 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), stack)
+        w0 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                          qw.float_shapes(stack))
         mb0 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), mbs)
         h_abs = jax.eval_shape(model.before, rest, mb0)
         layout = _residual_layout(model.layer, w0, h_abs)
@@ -242,6 +269,8 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
         hs0 = jax.lax.map(lambda mb: model.before(rest, mb), mbs)
 
         def fwd_layer(hs, w):
+            w = qw.dequantize_weights(w)  # one layer dequantised, never the whole stack
+
             def one(h):
                 h2, vjp = jax.vjp(model.layer, w, h)
                 return h2, keep(jax.tree.leaves(vjp))
@@ -288,7 +317,7 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
                 saved_l, l = xs
                 w = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, l, keepdims=False),
                                  stack)
-                g, cts = layer_grad(w, saved_l, cts)
+                g, cts = layer_grad(qw.dequantize_weights(w), saved_l, cts)
                 return (cts, sq + _sq_norm(g)), None
 
             (cts0, sq_layers), _ = jax.lax.scan(
@@ -316,26 +345,23 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
         # is updated in place.
         sep_pos = [n for n, i in enumerate(stack_idx) if plan.separable[i]]
 
-        def write(stacks, values, at):
-            return [jax.lax.dynamic_update_slice_in_dim(x, v, at, 0)
-                    for x, v in zip(stacks, values)]
-
         def update_body(carry, xs):
             cts, stacks, pl_states, held, pending, at, s_slices, shared, sq, bad = carry
             saved_l, l = xs
             p_w, p_s, p_h = pending
-            stacks, pl_states, held = (write(stacks, p_w, at), write(pl_states, p_s, at),
-                                       write(held, p_h, at))
+            stacks, pl_states, held = (_write(stacks, p_w, at), _write(pl_states, p_s, at),
+                                       _write(held, p_h, at))
             all_stacks = list(stack_leaves)
             for n, x in zip(sep_pos, stacks):
                 all_stacks[n] = x
-            w_stack = [jax.lax.dynamic_slice_in_dim(x, l, 1, 0) for x in all_stacks]
+            w_stack = [_slice(x, l) for x in all_stacks]
+            wf_stack = [_view(x) for x in w_stack]  # this layer's float weights
             # this layer's state rows were read one iteration early (below): a row read here
             # and consumed inside a lax.cond of the optimizer (a projector refresh) gets fused
             # through this iteration's write, and XLA copies the whole stack
             prefetch = [jax.lax.dynamic_slice_in_dim(x, jnp.maximum(l - 1, 0), 1, 0)
                         for x in pl_states]
-            w = stack_def.unflatten([x[0] for x in w_stack])
+            w = stack_def.unflatten([x[0] for x in wf_stack])
             g, cts = layer_grad(w, saved_l, cts)
             g_leaves = jax.tree.leaves(g)
             sq_l = _sq_norm(g)
@@ -345,7 +371,7 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
                 if plan.separable[i]:
                     gi = g_leaves[pos_in_stack[i]]
                     grads_t.append((gi * scale.astype(gi.dtype))[None])
-                    params_t.append(w_stack[pos_in_stack[i]])
+                    params_t.append(wf_stack[pos_in_stack[i]])
                 else:
                     grads_t.append(plan_lib.zeros(x))
                     params_t.append(plan_lib.zeros(x))
@@ -355,7 +381,7 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
             upd_leaves = treedef.flatten_up_to(upd)
             new_slices = plan_lib.read_state(plan.layer_parts, opt_state, new_st, plan_lib.SLICE)
             new_whole = plan_lib.read_state(plan.layer_parts, opt_state, new_st, plan_lib.WHOLE)
-            p_w = [_select(ok, optax.apply_updates(w_stack[n], upd_leaves[stack_idx[n]]),
+            p_w = [_select(ok, qw.apply_update(w_stack[n], upd_leaves[stack_idx[n]]),
                            w_stack[n]) for n in sep_pos]
             p_s = [_select(ok, new_slices[j], slices[j]) for j in per_layer_idx]
             p_h = [(g_leaves[pos_in_stack[i]] * scale.astype(g_leaves[0].dtype))[None]
@@ -365,21 +391,21 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
             return (cts, stacks, pl_states, held, (p_w, p_s, p_h), l, prefetch, shared,
                     sq + sq_l, bad), None
 
-        stack_leaves = jax.tree.leaves(stack)
+        stack_leaves = jax.tree.leaves(stack, is_leaf=qw.is_quantized)
         last = plan.num_layers - 1
         sep_stacks = [stack_leaves[n] for n in sep_pos]
         pl_init = [state_leaves[j] for j in per_layer_idx]
         held_init = [jnp.zeros(leaves[i].shape, leaves[i].dtype) for i in held_idx]
-        pending0 = tuple([jax.lax.dynamic_slice_in_dim(x, last, 1, 0) for x in xs]
+        pending0 = tuple([_slice(x, last) for x in xs]
                          for xs in (sep_stacks, pl_init, held_init))
         init = (cts_last, sep_stacks, pl_init, held_init, pending0, jnp.int32(last), pending0[1],
                 [state_leaves[j] for j in shared_idx], jnp.zeros([], jnp.float32),
                 jnp.zeros([], bool))
         (cts0, sep_stacks, pl_states, held, pending, at, _, shared, sq_layers_u, bad), _ = (
             jax.lax.scan(update_body, init, (saved, layers), reverse=True))
-        sep_stacks = write(sep_stacks, pending[0], at)
-        pl_states = write(pl_states, pending[1], at)
-        held = write(held, pending[2], at)
+        sep_stacks = _write(sep_stacks, pending[0], at)
+        pl_states = _write(pl_states, pending[1], at)
+        held = _write(held, pending[2], at)
         new_stacks = list(stack_leaves)
         for n, x in zip(sep_pos, sep_stacks):
             new_stacks[n] = x
@@ -401,7 +427,7 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
             else:
                 gi = rest_leaves_g[i]
                 grads_r.append(gi if plan.stacked[i] else gi * scale.astype(gi.dtype))
-                params_r.append(leaves[i])
+                params_r.append(_view(leaves[i]))
         rest_ok = step_ok
         if guard == "layer":
             rest_ok = jnp.isfinite(_sq_norm(grads_r))
@@ -422,7 +448,7 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
             new_leaves[i] = new_stacks[n]
         for i in range(len(leaves)):
             if not (plan.stacked[i] and plan.separable[i]):
-                new_leaves[i] = _select(rest_ok, optax.apply_updates(leaves[i], upd_leaves[i]),
+                new_leaves[i] = _select(rest_ok, qw.apply_update(leaves[i], upd_leaves[i]),
                                         leaves[i])
         skipped = bad
         if rest_ok is not None:

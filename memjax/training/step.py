@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from memjax.optim import quantized_weights as qw
+
 
 class Step(Protocol):
     """``(params, opt_state, batch) -> (params, opt_state, metrics)``."""
@@ -49,23 +51,37 @@ def gradient_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.GradientTr
     Returns:
       a :class:`Step`. The gradient sum over micro-batches is one tree the size of the
       parameters (absent with ``A = 1``: XLA folds the zero initial value).
+
+    INT8 weights (:class:`memjax.optim.QuantizedWeight` leaves): the gradient is taken with
+    respect to the dequantised weights, ``tx`` runs on that float view, and the update is applied
+    by :func:`memjax.optim.apply_updates` (dequantise, add, re-quantise with the weight's
+    rounding); a skipped step leaves them untouched. This step dequantises the whole tree (it
+    holds a whole float gradient anyway); :func:`memjax.training.layerwise_step` dequantises one
+    layer at a time.
     """
 
     def step(params, opt_state, batch):
         num_micro = jax.tree.leaves(batch)[0].shape[0]
+        quantized = qw.has_quantized(params)
+        view = qw.dequantize_weights(params) if quantized else params
 
         def micro(grad_sum, mb):
-            loss, grads = jax.value_and_grad(loss_fn)(params, mb)
+            loss, grads = jax.value_and_grad(loss_fn)(view, mb)
             return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-        grad_sum, losses = jax.lax.scan(micro, optax.tree.zeros_like(params), batch)
+        grad_sum, losses = jax.lax.scan(micro, optax.tree.zeros_like(view), batch)
         grads = optax.tree.scale(1.0 / num_micro, grad_sum)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-        updates, new_state = tx.update(grads, opt_state, params)
+        updates, new_state = tx.update(grads, opt_state, view)
+        skipped = _skipped(opt_state, new_state)
         metrics = {"loss": jnp.mean(losses), "grad_norm": optax.tree.norm(grads),
-                   "skipped": _skipped(opt_state, new_state)}
-        return optax.apply_updates(params, updates), new_state, metrics
+                   "skipped": skipped}
+        if not quantized:
+            return optax.apply_updates(params, updates), new_state, metrics
+        # a skipped step must not re-quantise (re-rounding moves codes and advances the keys)
+        new_params = optax.tree.where(skipped > 0, params, qw.apply_updates(params, updates))
+        return new_params, new_state, metrics
 
     return step
 

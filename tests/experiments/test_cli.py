@@ -57,7 +57,7 @@ def test_cli_exit_status_in_a_subprocess(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: unknown config 'missing'; available: default, memory_7b, smoke, sweep"]
+        "error: unknown config 'missing'; available: default, int8_quality, memory_7b, smoke, sweep"]
 
 
 

@@ -22,9 +22,9 @@ def smoke_rows():
 
 
 def test_rows_are_the_compiled_steps(smoke_rows):
-    adamw, galore, layerwise, mezo = smoke_rows
+    adamw, galore, layerwise, int8, mezo = smoke_rows
     assert [r["label"] for r in smoke_rows] == ["adamw", "galore-svd", "galore-svd-layerwise",
-                                                "mezo"]
+                                                "q_galore-int8-layerwise", "mezo"]
     # the same recipe state; the standard row's guard adds its int32 skip count
     assert galore["optimizer_state_bytes"] - layerwise["optimizer_state_bytes"] == 4
     assert layerwise["grads_bytes"] == galore["grads_bytes"]  # one layer: its gradient is all
@@ -32,7 +32,11 @@ def test_rows_are_the_compiled_steps(smoke_rows):
         assert KEYS <= set(r)
         assert r["peak_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
                                    + r["temp_bytes"])
-        assert r["params_bytes"] == adamw["params_bytes"] > 0
+        if r is not int8:
+            assert r["params_bytes"] == adamw["params_bytes"] > 0
+    # INT8 kernels: smaller parameters, gradients of the float view (one layer: all of them)
+    assert int8["params_bytes"] < adamw["params_bytes"]
+    assert int8["grads_bytes"] == adamw["grads_bytes"]
     assert adamw["optimizer_state_bytes"] > galore["optimizer_state_bytes"]
     assert adamw["grads_bytes"] == adamw["params_bytes"] and mezo["grads_bytes"] == 0
     assert mezo["optimizer_state_bytes"] < 100  # a key and a count
@@ -82,7 +86,9 @@ def test_named_configs():
     m7 = configs.load("memory_7b")
     assert [o.display_name for o in m7.optimizers] == [
         "adamw", "adamw-8bit", "galore", "galore-8bit", "galore-8bit-layerwise",
-        "apollo-mini-layerwise", "mezo"]
+        "apollo-mini-layerwise", "q-galore-int8-layerwise", "apollo-mini-int8-layerwise", "mezo"]
+    assert [(o.weight_bits, o.weight_group_size) for o in m7.optimizers[6:8]] == [(8, 256),
+                                                                               (8, 128)]
     assert m7.model.d_model == 4096 and m7.data.batch_size * m7.data.seq_len == 256
     assert parse([]).memory_presets == ("llama_1b", "llama_7b")
     with pytest.raises(ConfigError, match="memory_presets"):
@@ -90,6 +96,12 @@ def test_named_configs():
     with pytest.raises(ConfigError, match="layerwise applies to gradient"):
         memory.plan(dataclasses.replace(configs.load("smoke"), optimizers=(
             OptimizerConfig(name="mezo", layerwise=True),)))
+    with pytest.raises(ConfigError, match="weight_bits=8 applies to gradient recipes"):
+        memory.plan(dataclasses.replace(configs.load("smoke"), optimizers=(
+            OptimizerConfig(name="mezo", weight_bits=8),)))
+    with pytest.raises(ConfigError, match="weight_group_size=100 must divide"):
+        memory.plan(dataclasses.replace(configs.load("smoke"), optimizers=(
+            OptimizerConfig(name="galore", weight_bits=8, weight_group_size=100),)))
     with pytest.raises(ConfigError, match="adam_bits=8 applies to"):
         memory.plan(dataclasses.replace(configs.load("smoke"), optimizers=(
             OptimizerConfig(name="frugal", adam_bits=8),)))

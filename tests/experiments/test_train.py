@@ -126,6 +126,10 @@ def test_reference_run_learns_and_writes_its_files(reference):
         mem[o.display_name] = json.loads((directory / "memory.json").read_text())
     assert mem["galore-svd"]["opt_state_bytes"] < mem["adamw"]["opt_state_bytes"]
     assert mem["adamw"]["param_bytes"] == mem["galore-svd"]["param_bytes"] > 0
+    # INT8 block kernels (10240 entries): a byte per entry (3 saved), a float32 scale and a uint8
+    # zero point per group of 128, a 2 x uint32 key per kernel (7)
+    saved = mem["adamw"]["param_bytes"] - mem["q_galore-int8-layerwise"]["param_bytes"]
+    assert saved == 3 * 10240 - 5 * 10240 // 128 - 8 * 7
     # the layerwise row takes the same updates (with the same exact clipping) on the 2 x 4 mesh
     # the same recipe state; the standard row's guard adds its int32 skip count
     assert mem["galore-svd"]["opt_state_bytes"] - mem["galore-svd-layerwise"]["opt_state_bytes"] == 4
@@ -139,12 +143,12 @@ def test_reference_run_learns_and_writes_its_files(reference):
 
 
 def test_stop_and_resume_is_bit_identical(reference, tmp_path):
-    """GaLore and layerwise GaLore (the larger state: projectors, low-rank moments) stop at 15,
-    resume to 40."""
+    """GaLore, layerwise GaLore (the larger state: projectors, low-rank moments) and layerwise
+    Q-GaLore over INT8 weights (the rounding keys are parameters) stop at 15, resume to 40."""
     config, expected = reference
     galore_only = lambda c: dataclasses.replace(c, optimizers=c.optimizers[1:])  # noqa: E731
     assert [o.display_name for o in galore_only(config).optimizers] == [
-        "galore-svd", "galore-svd-layerwise"]
+        "galore-svd", "galore-svd-layerwise", "q_galore-int8-layerwise"]
     stopped = galore_only(_config(tmp_path, stop_after=15))  # a refresh at 10, the next at 20
     run_experiment(stopped)
     assert _records(run.run_dir(stopped, stopped.optimizers[0]))[-1]["step"] == 15

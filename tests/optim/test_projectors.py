@@ -105,7 +105,7 @@ def test_dct_state_is_int32_indices():
 
 
 @pytest.mark.parametrize("shape", [(512, 1), (3, 5), (7,), (130, 64)])
-def test_fused_threefry_normal_and_fold_in_equal_jax_random_bit_for_bit(shape):
+def test_fused_threefry_normal_uniform_and_fold_in_equal_jax_random_bit_for_bit(shape):
     # The random projectors and MeZO draw through memjax.optim._rng (unrolled threefry, one
     # fusion on CPU instead of a rolled while loop): it must be jax.random exactly.
     from memjax.optim import _rng
@@ -116,6 +116,8 @@ def test_fused_threefry_normal_and_fold_in_equal_jax_random_bit_for_bit(shape):
         want = jax.random.normal(key, shape, jnp.float32)
         np.testing.assert_array_equal(jax.jit(lambda k: _rng.normal(k, shape))(kd), want)
         np.testing.assert_array_equal(jax.jit(lambda k: _rng.key_normal(k, shape))(key), want)
+        np.testing.assert_array_equal(jax.jit(lambda k: _rng.uniform(k, shape))(kd),
+                                      jax.random.uniform(key, shape, jnp.float32))
         for data in (0, 1, 7, 2**31 + 5):
             np.testing.assert_array_equal(
                 jax.random.key_data(jax.jit(lambda k, d=data: _rng.fold_in(k, d))(key)),

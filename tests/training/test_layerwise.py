@@ -309,13 +309,9 @@ def test_sharded_step_equals_unsharded_and_reduces_per_layer():
 
 def test_readme_example_runs():
     """The README's plain-JAX example (a stacked MLP) runs as written and trains."""
-    import pathlib
+    from tests.readme import run_block
 
-    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    (code,) = [b for b in blocks if "memjax.training.Layered(" in b]
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    namespace = run_block("memjax.training.Layered(")
     metrics = namespace["metrics"]
     assert int(metrics["skipped"]) == 0 and np.isfinite(float(metrics["loss"]))
     params = namespace["params"]

@@ -429,6 +429,26 @@ def fingerprint_differences(saved: dict, current: dict, prefix: str = "") -> lis
     return diffs
 
 
+def _weight_format_error(m: ModelConfig, o: OptimizerConfig) -> str | None:
+    """Why the model cannot hold ``o``'s INT8 weights (group size, mixer), or ``None``; a model
+    that is invalid anyway is the model's error (``run.lm_config``: ``"model: ..."``)."""
+    if o.weight_bits != 8:
+        return None
+    from memjax.models.lm import LMConfig
+
+    shape = (m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.ffn_dim)
+    try:
+        LMConfig(*shape, mixer=m.mixer)
+    except ValueError:
+        return None
+    try:
+        LMConfig(*shape, mixer=m.mixer, weight_bits=8, weight_group_size=o.weight_group_size,
+                 weight_rounding=o.weight_rounding)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def validate(config: Config) -> None:
     """Raises :class:`ConfigError` for settings that cannot run (devices are checked elsewhere)."""
     s, d = config.schedule, config.data
@@ -490,12 +510,12 @@ def validate(config: Config) -> None:
         if o.weight_bits == 8 and o.name == "mezo":
             raise ConfigError(f"optimizer {o.display_name}: weight_bits=8 applies to gradient "
                               "recipes (mezo perturbs float weights)")
-        if o.weight_bits == 8:
-            from memjax.optim import WeightFormat
-            try:
-                WeightFormat(8, o.weight_group_size, o.weight_rounding)
-            except ValueError as err:
-                raise ConfigError(f"optimizer {o.display_name}: {err}") from None
+        if o.weight_bits not in (32, 8):
+            raise ConfigError(f"optimizer {o.display_name}: weight_bits={o.weight_bits!r} must be "
+                              f"32 (float) or 8 (INT8)")
+        error = _weight_format_error(config.model, o)
+        if error:
+            raise ConfigError(f"optimizer {o.display_name}: {error}")
         if o.adam_bits == 8 and o.name not in ADAM_8BIT_RECIPES:
             raise ConfigError(f"optimizer {o.display_name}: adam_bits=8 applies to "
                               f"{', '.join(ADAM_8BIT_RECIPES)} (q_galore is always 8-bit)")

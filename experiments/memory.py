@@ -46,8 +46,9 @@ AUTHORS_RANK = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1
 
 def gradient_bytes(params, optimizer) -> int:
     """Bytes of the gradients a step of ``optimizer`` holds at once: the whole tree for a gradient
-    step (float32 for INT8 weights), none for zeroth order, and for a layerwise step one layer's slice of the stack plus the
-    leaves outside it (their gradient waits for the end of the backward pass)."""
+    step (float32 for INT8 weights), none for zeroth order, and for a layerwise step one
+    layer's slice of the stack plus the leaves outside it (their gradient waits for the end
+    of the backward pass)."""
     import jax
 
     from memjax.optim import state_bytes

@@ -30,7 +30,7 @@ recurrent form: attention (a KV cache), mamba and linear (their ``init_cache`` /
 
 INT8 weights (``LMConfig.weight_bits=8``; Q-GaLore, Zhang et al. 2024, arXiv 2407.08296): the
 linear kernels of the blocks (attention q/k/v/o and MLP gate/up/down, the authors' target modules;
-every 2-D ``kernel`` of a block for other mixers) are held as
+the attention mixer only) are held as
 :class:`memjax.optim.QuantizedWeight` s (uint8 codes, a scale and zero point per group of
 ``weight_group_size`` entries, quantised from the usual initial weights) and dequantised one layer
 at a time inside the scan body. The embedding, the head and the norms stay float, as the authors
@@ -163,6 +163,10 @@ class LMConfig:
             raise ValueError(f"bad dtype in LMConfig: {err}") from None
         if self.weight_bits is not None:
             fmt = self.weight_format  # validates bits, group size and rounding (ValueError)
+            if self.mixer != "attention":
+                raise ValueError(
+                    f"weight_bits=8 is implemented for the attention mixer (the authors' LLaMA "
+                    f"q/k/v/o and MLP kernels), not mixer={self.mixer!r}")
             sizes = {"d_model * d_model": self.d_model**2, "d_model * ffn_dim":
                      self.d_model * self.ffn_dim}
             bad = [name for name, size in sizes.items() if size % fmt.group_size]
@@ -315,11 +319,6 @@ def quantize_blocks(blocks: nnx.Module, fmt: qw.WeightFormat, key: jax.Array) ->
     nnx.update(blocks, state)
 
 
-def _dequantized(state: Any) -> Any:
-    """A layer's (or the stack's) state with its INT8 kernels dequantised (float32)."""
-    return qw.dequantize_weights(state)
-
-
 ParamHook = Callable[[str, Any, Any], Any]
 """``(name, param_state, layer_index_or_None) -> param_state``; see :meth:`LM.__call__`."""
 
@@ -365,10 +364,7 @@ class LM(nnx.Module):
             embedding_init=partitioned(nnx.initializers.normal(DEFAULT_INIT_STD), ("vocab", "embed")),
             rngs=rngs,
         )
-        blocks_key = rngs.params()
-        self.blocks = stack_layers(lambda r: Block(c, rngs=r), c.num_layers, blocks_key)
-        if c.weight_format is not None:  # the usual initial weights, quantised
-            quantize_blocks(self.blocks, c.weight_format, jax.random.fold_in(blocks_key, 1))
+        self.blocks = stack_layers(lambda r: Block(c, rngs=r), c.num_layers, rngs.params())
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         if c.tie_embeddings:
             self.lm_head = None
@@ -378,6 +374,9 @@ class LM(nnx.Module):
                 kernel_init=partitioned(nnx.initializers.normal(DEFAULT_INIT_STD), ("embed", "vocab")),
                 rngs=rngs,
             )
+        if c.weight_format is not None:  # the usual initial weights, quantised; the rounding keys
+            # are drawn last, so every float parameter equals the float model's
+            quantize_blocks(self.blocks, c.weight_format, rngs.params())
 
     # -- training form
 
@@ -403,7 +402,7 @@ class LM(nnx.Module):
 
         def body(x, layer):
             layer_params, layer_rest, index = layer
-            layer_params = _dequantized(layer_params)  # one layer at a time
+            layer_params = qw.dequantize_weights(layer_params)  # one layer at a time
             if param_hook is not None:
                 layer_params = param_hook("blocks", layer_params, index)
             return nnx.merge(graphdef, layer_params, layer_rest)(x), None
@@ -468,7 +467,8 @@ class LM(nnx.Module):
 
         def body(x, layer):
             layer_state, layer_cache = layer
-            return nnx.merge(graphdef, _dequantized(layer_state)).step(x, layer_cache, position)
+            layer = nnx.merge(graphdef, qw.dequantize_weights(layer_state))
+            return layer.step(x, layer_cache, position)
 
         x, cache = jax.lax.scan(body, self.embed(token), (state, cache))
         return self._logits(x), cache

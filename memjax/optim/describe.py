@@ -157,7 +157,9 @@ def describe(tx: optax.GradientTransformation, params: Any) -> Description:
       A :class:`Description`; ``print(describe(tx, params))`` shows the table.
     """
     from memjax.optim.aliases import BlockState  # aliases imports this module's siblings
+    from memjax.optim.quantized_weights import float_shapes
 
+    params = float_shapes(params)  # INT8 weights: described as the float leaves tx sees
     state = jax.eval_shape(tx.init, params)
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     shapes = [tuple(getattr(x, "shape", ())) for _, x in leaves_with_path]

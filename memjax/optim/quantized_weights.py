@@ -4,11 +4,17 @@ A weight matrix :math:`W` (or a stack of them, one per layer) is kept as unsigne
 groups of ``g`` consecutive entries of its row-major flattening, each group with a float32 scale
 :math:`s` and a uint8 zero point :math:`z` (asymmetric min-max, the authors' ``_quantize``)::
 
-    s = max(max(W_grp) - min(W_grp), 1e-5) * fl(1/255)   z = clip(-round(min(W_grp) * (1/s)), 0, 255)
-    q = clip(R(W_grp * (1/s)) + z, 0, 255)                dequantize(q) = (q - z) * s
+    hi = max(max(W_grp), 0)    lo = min(min(W_grp), 0)    s = max(hi - lo, 1e-5) * fl(1/255)
+    z = clip(-round(lo * (1/s)), 0, 255)    q = clip(R(W_grp * (1/s)) + z, 0, 255)
+    dequantize(q) = (q - z) * s
 
 with ``R`` round-to-nearest at initialisation (divisions as products by reciprocals: XLA compiles
-the authors' divisions so, within an ulp; written out, every backend computes the same bits). An update :math:`U` (float32, from any optax
+the authors' divisions so, within an ulp; written out, every backend computes the same bits). The
+range ``[lo, hi]`` holds 0 (the authors' does for every group with entries of both signs; for a
+group on one side of zero their clipped zero point saturates the codes). A group with a
+non-finite entry gets a NaN scale: a non-finite update gives a non-finite weight, as with float
+weights. Re-quantising an unchanged weight can move a code by one level (the range is recomputed
+from the dequantised values). An update :math:`U` (float32, from any optax
 transform) is applied by dequantising, adding and re-quantising with fresh scales and zero points
 (:func:`requantize`), with ``R`` the weight's rounding:
 
@@ -93,11 +99,14 @@ class QuantizedWeight:
       codes: uint8 ``(*lead, *matrix)``: the weight's own shape.
       scale: float32 ``(*lead, G)``: one scale per group of ``g = prod(matrix) / G`` entries.
       zero: uint8 ``(*lead, G)``: the zero points.
-      key: uint32 ``(*lead, 2)``: raw key data of each matrix's next rounding.
+      key: uint32 ``(*lead, *k)``: raw key data of each matrix's next rounding (``k = (2,)``
+        for JAX's default threefry keys).
       rounding: ``"stochastic"`` or ``"nearest"`` (static).
 
     ``lead`` are batch axes (e.g. the layers of a stack): each slice along them is one matrix with
-    its own groups and key, so slicing every array along them gives that layer's weight.
+    its own groups and key, so slicing every array along them gives that layer's weight. The
+    float view (``dtype``) is float32 whatever the model's ``param_dtype``: the update is added
+    in float32, and gradients and optimizer state of these kernels are float32.
     """
 
     codes: Any
@@ -125,6 +134,7 @@ class QuantizedWeight:
 
     @property
     def lead_axes(self) -> int:
+        """Leading batch axes (e.g. 1: the layers of a stack)."""
         return len(self.scale.shape) - 1
 
     @property
@@ -161,10 +171,15 @@ def _scale_zero(groups: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per group (last axis): the authors' min-max scale, its reciprocal and the
     (integer-valued) zero point. Every division is written as the product by a reciprocal, which
     is what XLA compiles a division by a constant or a broadcast into: explicit, the arithmetic
-    is the same on every backend (and in a NumPy reference)."""
-    hi = jnp.max(groups, axis=-1)
-    lo = jnp.min(groups, axis=-1)
+    is the same on every backend (and in a NumPy reference). The range always holds 0 (the
+    authors' range does whenever a group has entries of both signs, as weight groups do): a
+    group on one side of zero would otherwise get a zero point clipped to 0 or 255 and codes
+    saturated at the other end. A group with a non-finite entry gets a NaN scale, so a
+    non-finite update shows in the dequantised weight instead of being clipped into a code."""
+    hi = jnp.maximum(jnp.max(groups, axis=-1), 0.0)
+    lo = jnp.minimum(jnp.min(groups, axis=-1), 0.0)
     scale = jnp.maximum(hi - lo, _MIN_RANGE) * _INV_LEVELS
+    scale = jnp.where(jnp.all(jnp.isfinite(groups), axis=-1), scale, jnp.nan)
     inv = 1.0 / scale
     zero = jnp.clip(-jnp.round(lo * inv), 0, _LEVELS)
     return scale, inv, zero
@@ -220,7 +235,8 @@ def quantize(x: jax.Array, fmt: WeightFormat | None = None, *, key: jax.Array,
     lead = tuple(x.shape[:lead_axes])
     key = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
     keys = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(key, i)))(
-        jnp.arange(math.prod(lead), dtype=jnp.uint32)).reshape(lead + (2,))
+        jnp.arange(math.prod(lead), dtype=jnp.uint32))
+    keys = keys.reshape(lead + keys.shape[1:])
     codes, scale, zero = _batched(lambda m: _encode(m, fmt.group_size, None), lead_axes)(x)
     return QuantizedWeight(codes, scale, zero, keys, fmt.rounding)
 
@@ -327,7 +343,23 @@ def weight_shardings(q: QuantizedWeight, sharding: Any) -> QuantizedWeight:
     keys as the weight's lead (layer) axes, replicated over their group axis."""
     mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * q.ndim
     small = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec[:q.lead_axes], None))
-    return QuantizedWeight(sharding, small, small, small, q.rounding)
+    key = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*spec[:q.lead_axes],
+                                         *(None,) * (q.key.ndim - q.lead_axes)))
+    return QuantizedWeight(sharding, small, small, key, q.rounding)
+
+
+def check_float_state(tx: Any, params: Any, opt_state: Any, where: str) -> None:
+    """Raise a ``TypeError`` naming the fix if ``opt_state`` is not ``tx.init`` of the float
+    view of ``params`` (e.g. a plain optax transform initialised on INT8 weights, which sees
+    their codes, scales and keys as parameters). Static: compares tree structures."""
+    want = jax.tree.structure(jax.eval_shape(tx.init, float_shapes(params)))
+    if jax.tree.structure(opt_state) != want:
+        raise TypeError(
+            f"{where}: the parameters hold INT8 weights (QuantizedWeight) but the optimizer state "
+            f"is not tx.init of their float view: initialise it as "
+            f"tx.init(memjax.optim.dequantize_weights(params)), or wrap a non-memjax transform "
+            f"in memjax.optim.on_float_view(tx) so that tx.init(params) does")
 
 
 def on_float_view(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:

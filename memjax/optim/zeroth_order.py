@@ -499,7 +499,11 @@ def mezo(learning_rate: float | optax.Schedule, eps: float = 1e-3, n: int = 1,
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
 
     def init(params):
-        del params
+        from memjax.optim.quantized_weights import has_quantized
+
+        if has_quantized(params):
+            raise ValueError("mezo: the parameters hold INT8 weights (QuantizedWeight); MeZO "
+                             "perturbs float weights: pass memjax.optim.dequantize_weights(params)")
         return ZerothOrderState(jnp.zeros([], jnp.int32),
                                 jax.random.key_data(jax.random.key(seed)))
 

@@ -41,8 +41,9 @@ update sees the exact mean gradient, for every recipe and at refresh steps.
 INT8 weights (:class:`memjax.optim.QuantizedWeight` leaves, e.g. ``LMConfig(weight_bits=8)``):
 each layer is dequantised where it is used (forward, backward, update), ``tx`` sees the float
 view, and the update pass writes the layer back re-quantised with the weight's rounding
-(:func:`memjax.optim.quantized_weights.apply_update`): no float copy of the stack exists. The
-rounding bits come from each layer's own key, so they equal the standard step's.
+(:func:`memjax.optim.quantized_weights.apply_update`): no float copy of the stack exists (but
+for a stacked leaf that is held, whose update comes after the scan). The rounding bits come from
+each layer's own key, so they equal the standard step's.
 
 Reference: the per-layer weight update of GaLore (Zhao et al. 2024, arXiv 2403.03507, Sec. 4.3),
 done in the authors' code with PyTorch's ``register_post_accumulate_grad_hook``.
@@ -228,6 +229,8 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
             raise TypeError(f"layerwise_step: params must be a dict holding the stack under "
                             f"{model.stack!r}, got {type(params).__name__}")
         plan, treedef, layer_abstract, rest_abstract = static_plan(params)
+        if qw.has_quantized(params):
+            qw.check_float_state(tx, params, opt_state, "layerwise_step")
         mbs = batch if micro_batched else jax.tree.map(lambda x: x[None], batch)
         num_micro = jax.tree.leaves(mbs)[0].shape[0]
         stack = params[model.stack]

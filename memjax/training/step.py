@@ -53,16 +53,19 @@ def gradient_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.GradientTr
       parameters (absent with ``A = 1``: XLA folds the zero initial value).
 
     INT8 weights (:class:`memjax.optim.QuantizedWeight` leaves): the gradient is taken with
-    respect to the dequantised weights, ``tx`` runs on that float view, and the update is applied
-    by :func:`memjax.optim.apply_updates` (dequantise, add, re-quantise with the weight's
-    rounding); a skipped step leaves them untouched. This step dequantises the whole tree (it
-    holds a whole float gradient anyway); :func:`memjax.training.layerwise_step` dequantises one
-    layer at a time.
+    respect to the dequantised weights, ``tx`` runs on that float view, and the update is
+    applied by :func:`memjax.optim.apply_updates` (dequantise, add, re-quantise with the
+    weight's rounding); a step that :func:`memjax.optim.skip_nonfinite` at the top of ``tx``
+    skips leaves them untouched (a non-finite update without it gives non-finite weights, as
+    with floats). This step dequantises the whole tree (it holds a whole float gradient anyway);
+    :func:`memjax.training.layerwise_step` dequantises one layer at a time.
     """
 
     def step(params, opt_state, batch):
         num_micro = jax.tree.leaves(batch)[0].shape[0]
         quantized = qw.has_quantized(params)
+        if quantized:
+            qw.check_float_state(tx, params, opt_state, "gradient_step")
         view = qw.dequantize_weights(params) if quantized else params
 
         def micro(grad_sum, mb):

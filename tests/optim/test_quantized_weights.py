@@ -14,9 +14,10 @@ from tests.optim import numpy_reference as ref
 
 
 def _np_quantize(w, group, noise=None):
-    """The authors' ``_quantize`` / ``_quantize_stochastic_round`` on groups of the flattening."""
+    """The authors' ``_quantize`` / ``_quantize_stochastic_round`` on groups of the flattening
+    (with 0 in every group's range, as memjax keeps it)."""
     groups = np.asarray(w, np.float32).reshape(-1, group)
-    hi, lo = groups.max(axis=1), groups.min(axis=1)
+    hi, lo = np.maximum(groups.max(axis=1), 0), np.minimum(groups.min(axis=1), 0)
     scale = np.maximum(hi - lo, np.float32(1e-5)) * np.float32(1 / 255)
     inv = np.float32(1) / scale
     zero = np.clip(-np.round(lo * inv), 0, 255)
@@ -172,6 +173,10 @@ def test_bad_input_raises():
     from memjax.models.lm import lm_preset
     with pytest.raises(ValueError, match="bits=4"):
         lm_preset("tiny", weight_bits=4)
+    with pytest.raises(ValueError, match="attention mixer"):
+        lm_preset("tiny", mixer="mamba", weight_bits=8, weight_group_size=64)
+    with pytest.raises(ValueError, match="weight_group_size=96 must divide"):
+        lm_preset("tiny", weight_bits=8, weight_group_size=96)
 
 
 def test_every_recipe_runs_on_the_float_view():
@@ -199,3 +204,29 @@ def test_readme_example_runs():
         {"w": jax.random.normal(jax.random.key(0), (256, 128)) * 0.02},
         qw.WeightFormat(group_size=256))["w"]
     assert not np.array_equal(np.asarray(w.codes), np.asarray(before.codes))
+
+
+def test_one_sided_groups_nonfinite_updates_and_misuse():
+    """A group on one side of zero keeps half-step accuracy (0 is in its range); a non-finite
+    update gives a non-finite weight (not a clipped code); a plain optax state built on INT8
+    weights, MeZO on them and describe() get clear answers."""
+    x = jnp.linspace(1.0, 2.0, 256).reshape(4, 64)  # every group positive
+    q = qw.quantize(x, qw.WeightFormat(group_size=64), key=jax.random.key(0))
+    assert float(jnp.abs(qw.dequantize(q) - x).max()) <= 0.5 * float(q.scale.max()) * 1.0001
+    bad = qw.apply_update(q, jnp.zeros_like(x).at[1, 3].set(jnp.nan))
+    deq = np.asarray(qw.dequantize(bad))
+    assert np.isnan(deq[1, 3]) and np.isfinite(np.delete(deq, 1, axis=0)).all()
+
+    params = memjax.optim.quantize_weights({"w": jnp.ones((64, 32)) * jnp.arange(32.0)[None]},
+                                           qw.WeightFormat(group_size=64))
+    loss = lambda p, batch: jnp.sum(p["w"] ** 2)  # noqa: E731
+    plain = optax.adam(1e-3)
+    step = memjax.training.gradient_step(loss, plain)
+    with pytest.raises(TypeError, match="on_float_view"):
+        jax.eval_shape(step, params, plain.init(params), jnp.zeros((1, 1)))
+    wrapped = memjax.optim.on_float_view(plain)
+    jax.eval_shape(step, params, wrapped.init(params), jnp.zeros((1, 1)))  # the fix works
+    with pytest.raises(ValueError, match="mezo: the parameters hold INT8 weights"):
+        memjax.optim.mezo(1e-3).init(params)
+    text = str(memjax.optim.describe(memjax.optim.galore(1e-3, rank=4), params))
+    assert "projected" in text

@@ -136,7 +136,8 @@ def test_int8_shardings_follow_the_float_weights():
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4))
     rules = (("embed", "fsdp"),)
     param_sh, float_sh = trainer.param_shardings(abstract, logical, rules, mesh)
-    up, up_float = param_sh["blocks"]["mlp"]["up"]["kernel"], float_sh["blocks"]["mlp"]["up"]["kernel"]
+    up = param_sh["blocks"]["mlp"]["up"]["kernel"]
+    up_float = float_sh["blocks"]["mlp"]["up"]["kernel"]
     assert qw.is_quantized(up) and not qw.is_quantized(up_float)
     assert up.codes == up_float and tuple(up_float.spec)[:2] == (None, "fsdp")
     assert tuple(up.scale.spec) == (None, None) and tuple(up.key.spec) == (None, None)

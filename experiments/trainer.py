@@ -38,6 +38,7 @@ import memjax
 from experiments import sharding
 from experiments.data import Batch
 from memjax.models.lm import LM, LMConfig, layered, next_token_loss
+from memjax.optim import quantized_weights as qw
 
 
 class TrainState(NamedTuple):
@@ -118,7 +119,6 @@ def param_shardings(abstract_params: Any, logical: Any, rules: tuple,
     shard as the float weight it replaces, its scales and keys along the layers only
     (:func:`memjax.optim.quantized_weights.weight_shardings`); the float view (gradients,
     optimizer state) shards as the float weights."""
-    qw = memjax.optim.quantized_weights
     float_sh = sharding.param_shardings(qw.float_shapes(abstract_params), logical, rules, mesh)
     param_sh = jax.tree.map(
         lambda a, s: qw.weight_shardings(a, s) if qw.is_quantized(a) else s,
@@ -208,7 +208,6 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
 
     if kind not in STEP_KINDS:
         raise ValueError(f"unknown step kind {kind!r}; expected one of {STEP_KINDS}")
-    qw = memjax.optim.quantized_weights
     if kind == "shared_seed":  # replicated parameters, one byte per worker
         tx = tx.make(zo_loss, mesh)
         param_sh = float_sh = jax.tree.map(lambda _: rep, abstract_params)

@@ -299,6 +299,7 @@ def float_shapes(params: Any) -> Any:
 
 
 def has_quantized(params: Any) -> bool:
+    """Whether any leaf of ``params`` is a :class:`QuantizedWeight`."""
     return any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
 
 

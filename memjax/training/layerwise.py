@@ -142,11 +142,6 @@ def _write(stacks, values, at):
             for s, v in zip(stacks, values)]
 
 
-def _view(x):
-    """The float value of a parameter leaf (a quantised weight dequantised)."""
-    return qw.dequantize(x) if qw.is_quantized(x) else x
-
-
 def _sq_norm(tree) -> jax.Array:
     """Squared L2 norm summed in float32 (``optax.tree.norm`` sums in the leaves' dtype)."""
     leaves = jax.tree.leaves(tree)
@@ -358,7 +353,7 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
             for n, x in zip(sep_pos, stacks):
                 all_stacks[n] = x
             w_stack = [_slice(x, l) for x in all_stacks]
-            wf_stack = [_view(x) for x in w_stack]  # this layer's float weights
+            wf_stack = [qw.dequantize_weights(x) for x in w_stack]  # this layer's float weights
             # this layer's state rows were read one iteration early (below): a row read here
             # and consumed inside a lax.cond of the optimizer (a projector refresh) gets fused
             # through this iteration's write, and XLA copies the whole stack
@@ -430,7 +425,7 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
             else:
                 gi = rest_leaves_g[i]
                 grads_r.append(gi if plan.stacked[i] else gi * scale.astype(gi.dtype))
-                params_r.append(_view(leaves[i]))
+                params_r.append(qw.dequantize_weights(leaves[i]))
         rest_ok = step_ok
         if guard == "layer":
             rest_ok = jnp.isfinite(_sq_norm(grads_r))

@@ -437,3 +437,27 @@ def unpack_int4(packed, size):
     """Low nibble first: entry 2k in bits 0-3 of byte k, entry 2k+1 in bits 4-7."""
     packed = np.asarray(packed, np.uint8)
     return np.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1)[:size]
+
+
+def quantize_int8_weight(w, group, noise=None):
+    """The authors' ``_quantize`` / ``_quantize_stochastic_round`` on groups of the flattening
+    (with 0 in every group's range, as memjax keeps it)."""
+    groups = np.asarray(w, np.float32).reshape(-1, group)
+    hi, lo = np.maximum(groups.max(axis=1), 0), np.minimum(groups.min(axis=1), 0)
+    scale = np.maximum(hi - lo, np.float32(1e-5)) * np.float32(1 / 255)
+    inv = np.float32(1) / scale
+    zero = np.clip(-np.round(lo * inv), 0, 255)
+    y = groups * inv[:, None]
+    if noise is None:
+        y = np.round(y)
+    else:
+        down = np.floor(y)
+        y = down + (noise.reshape(y.shape) < y - down)
+    codes = np.clip(y + zero[:, None], 0, 255).astype(np.uint8)
+    return codes.reshape(np.shape(w)), scale.astype(np.float32), zero.astype(np.uint8)
+
+
+def dequantize_int8_weight(codes, scale, zero, group):
+    """``(codes - zero) * scale`` per group of ``quantize_int8_weight``."""
+    groups = codes.reshape(-1, group).astype(np.float32) - zero.astype(np.float32)[:, None]
+    return (groups * scale[:, None]).reshape(codes.shape)

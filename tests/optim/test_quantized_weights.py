@@ -13,29 +13,6 @@ from memjax.optim import quantized_weights as qw
 from tests.optim import numpy_reference as ref
 
 
-def _np_quantize(w, group, noise=None):
-    """The authors' ``_quantize`` / ``_quantize_stochastic_round`` on groups of the flattening
-    (with 0 in every group's range, as memjax keeps it)."""
-    groups = np.asarray(w, np.float32).reshape(-1, group)
-    hi, lo = np.maximum(groups.max(axis=1), 0), np.minimum(groups.min(axis=1), 0)
-    scale = np.maximum(hi - lo, np.float32(1e-5)) * np.float32(1 / 255)
-    inv = np.float32(1) / scale
-    zero = np.clip(-np.round(lo * inv), 0, 255)
-    y = groups * inv[:, None]
-    if noise is None:
-        y = np.round(y)
-    else:
-        down = np.floor(y)
-        y = down + (noise.reshape(y.shape) < y - down)
-    codes = np.clip(y + zero[:, None], 0, 255).astype(np.uint8)
-    return codes.reshape(np.shape(w)), scale.astype(np.float32), zero.astype(np.uint8)
-
-
-def _np_dequantize(codes, scale, zero, group):
-    groups = codes.reshape(-1, group).astype(np.float32) - zero.astype(np.float32)[:, None]
-    return (groups * scale[:, None]).reshape(codes.shape)
-
-
 def test_stochastic_round_is_unbiased_with_bounded_variance():
     """Values across the grid: the mean over 20000 draws is within 0.02 steps of y (about 7
     standard errors of the mean, sd <= 0.5 / sqrt(20000) = 0.0035), the variance is f (1 - f)
@@ -78,7 +55,7 @@ def test_quantize_matches_the_authors_quantizer(group):
     assert q.scale.shape == (3, 64 * 96 // group) and q.key.shape == (3, 2)
     assert q.group_size == group
     for layer in range(3):
-        codes, scale, zero = _np_quantize(x[layer], group)
+        codes, scale, zero = ref.quantize_int8_weight(x[layer], group)
         np.testing.assert_array_equal(q.codes[layer], codes)
         np.testing.assert_array_equal(q.scale[layer], scale)
         np.testing.assert_array_equal(q.zero[layer], zero)
@@ -108,7 +85,7 @@ def test_one_q_galore_step_with_int8_weights_matches_numpy():
     new = memjax.optim.apply_updates(params, updates)
 
     q = jax.tree.map(np.asarray, params["w"])
-    w = _np_dequantize(q.codes, q.scale, q.zero, group)
+    w = ref.dequantize_int8_weight(q.codes, q.scale, q.zero, group)
     low_rank = lambda s: s.inner_state[0]  # noqa: E731 (skip_nonfinite, chain: low rank first)
     ps = low_rank(new_state).projector["w"]
     p = ref.dequantize_minmax(ref.unpack_int4(np.asarray(ps.codes), rank * n),
@@ -118,7 +95,7 @@ def test_one_q_galore_step_with_int8_weights_matches_numpy():
     o, _, _ = ref.adam_8bit_step(g @ p.T, *args, 1, block, "dynamic")
     w_new = w + (-lr * scale * (o @ p)).astype(np.float32)
     noise = np.asarray(qw.rounding_noise(q.key, (m, n)))
-    want = _np_dequantize(*_np_quantize(w_new, group, noise), group)
+    want = ref.dequantize_int8_weight(*ref.quantize_int8_weight(w_new, group, noise), group)
     got = np.asarray(qw.dequantize(new["w"]))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
     assert not np.array_equal(np.asarray(new["w"].key), q.key)  # the key chain moved on

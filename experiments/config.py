@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 OptimizerName = Literal["adamw", "galore", "fira", "apollo", "apollo_mini", "frugal", "q_galore",
                         "mezo"]
-ProjectorName = Literal["svd", "dct", "random"]
+ProjectorName = Literal["svd", "dct", "random", "power"]
 SubspaceName = Literal["svd", "random", "columns", "rows", "block"]
 BlockOrder = Literal["random", "ascending", "descending", "mirror"]
 StateFreeRule = Literal["sign", "sgd", "none"]
@@ -126,8 +126,8 @@ class OptimizerConfig:
     """Low-rank recipes: scale (alpha) of the update; default 0.25 (galore, fira, q_galore), 1
     (apollo) or 128 (apollo_mini); apollo multiplies by sqrt(scale)."""
     projector: ProjectorName | None = None
-    """galore, fira, apollo(_mini): svd (GaLore), dct (SVD-free) or random (seed-only state);
-    default svd, random for apollo and apollo_mini."""
+    """galore, fira, apollo(_mini): svd (GaLore), dct (SVD-free), random (seed-only state) or
+    power (warm-started block power iteration); default svd, random for apollo and apollo_mini."""
     proj_type: ProjType = "std"
     """Low-rank recipes: which side is projected."""
     refresh: RefreshMode = "synchronous"

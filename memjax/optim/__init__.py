@@ -6,12 +6,16 @@ Recipes (complete optimizers, like ``optax.adamw``):
   data axis, one byte per worker per step)
 
 Building blocks:
-  :func:`scale_by_low_rank` (the projected transform), :mod:`projectors`, :mod:`residual`,
+  :func:`scale_by_low_rank` (the projected transform), :mod:`projectors` (svd, dct, random,
+  :func:`power_projector`), :mod:`residual`, :func:`scale_by_block_adam` (FRUGAL / BAdam
+  blocks), :func:`recipe.finish` (how every recipe ends),
   :mod:`limiter` (Fira's norm-growth limiter), :mod:`quantization` (:func:`scale_by_adam_8bit`,
   INT4 projectors), :mod:`quantized_weights` (INT8 weights with stochastic rounding:
-  :class:`QuantizedWeight`, :func:`quantize_weights`, :func:`apply_updates`), :mod:`zeroth_order` (:func:`spsa_estimate`, :func:`spsa_update`),
+  :class:`QuantizedWeight`, :func:`quantize_weights`, :func:`apply_updates`),
+  :mod:`zeroth_order` (:func:`spsa_estimate`, :func:`spsa_update`),
   :mod:`shared_seed` (:class:`OneByteCodec`, :class:`ReplayLog`, :func:`replay`),
-  :func:`scale_by_hf_adam`, :func:`skip_nonfinite`, :func:`clip_by_global_norm`,
+  :func:`scale_by_hf_adam`, :func:`scale_by_hf_bias_correction`, :func:`skip_nonfinite`,
+  :func:`clip_by_global_norm`,
   :func:`add_decayed_weights_after_step`,
   :func:`label_matrices` / :class:`MatrixDims` (which leaves are matrices).
 
@@ -20,20 +24,31 @@ Accounting:
   :func:`compiled_memory`.
 """
 
+from memjax.optim._apollo import apollo, apollo_mini
+from memjax.optim._fira import fira
+from memjax.optim._frugal import frugal
+from memjax.optim._galore import galore
+from memjax.optim._q_galore import q_galore
 from memjax.optim import (
+    block_adam,
     limiter,
     projectors,
     quantization,
     quantized_weights,
+    recipe,
     residual,
     shared_seed,
     zeroth_order,
 )
 from memjax.optim.accounting import CompiledMemory, compiled_memory, state_bytes
-from memjax.optim.adam import ScaleByHFAdamState, scale_by_hf_adam
+from memjax.optim.adam import (
+    ScaleByHFAdamState,
+    scale_by_hf_adam,
+    scale_by_hf_bias_correction,
+)
+from memjax.optim.block_adam import BlockState, scale_by_block_adam
 from memjax.optim.clipping import clip_by_global_norm
 from memjax.optim.describe import Description, LeafDescription, describe
-from memjax.optim.aliases import apollo, apollo_mini, fira, frugal, galore, q_galore
 from memjax.optim.guards import SkipNonFiniteState, all_finite, skip_nonfinite
 from memjax.optim.labels import (
     DEFAULT_EXCLUDE,
@@ -55,6 +70,7 @@ from memjax.optim.projectors import (
     canonicalize_signs,
     dct_basis,
     make_projector,
+    power_projector,
 )
 from memjax.optim.quantization import (
     QuantizedProjectorState,
@@ -87,72 +103,78 @@ from memjax.optim.zeroth_order import (
 )
 
 __all__ = [
-    "BackProjection",
-    "DEFAULT_EXCLUDE",
-    "Description",
-    "LeafDescription",
-    "NoProjectionWarning",
-    "RuleDims",
-    "describe",
-    "CompiledMemory",
-    "LowRankState",
-    "MatrixDims",
-    "Noise",
-    "NormGrowthState",
-    "OneByteCodec",
-    "Projector",
-    "QuantizedProjectorState",
-    "QuantizedWeight",
-    "ReplayLog",
-    "ResidualPolicy",
-    "ScaleByAdam8bitState",
-    "ScaleByHFAdamState",
-    "SkipNonFiniteState",
-    "WeightFormat",
-    "ZerothOrderState",
-    "ZerothOrderTransformation",
     "add_decayed_weights_after_step",
     "all_finite",
     "apollo",
     "apollo_mini",
     "apply_updates",
+    "BackProjection",
+    "block_adam",
+    "BlockState",
     "canonicalize_signs",
     "clip_by_global_norm",
     "compiled_memory",
+    "CompiledMemory",
     "dct_basis",
+    "DEFAULT_EXCLUDE",
     "dequantize_blockwise",
     "dequantize_weights",
+    "describe",
+    "Description",
     "fira",
     "frugal",
     "galore",
     "label_matrices",
+    "LeafDescription",
     "limit_norm_growth",
-    "norm_growth_factor",
-    "on_float_view",
     "limiter",
+    "LowRankState",
     "make_projector",
+    "MatrixDims",
     "mezo",
     "mezo_shared_seed",
+    "Noise",
+    "NoProjectionWarning",
+    "norm_growth_factor",
+    "NormGrowthState",
+    "on_float_view",
+    "OneByteCodec",
+    "power_projector",
+    "Projector",
     "projectors",
     "q_galore",
     "quantization",
     "quantize_blockwise",
-    "quantized_svd_projector",
     "quantize_weights",
+    "quantized_svd_projector",
     "quantized_weights",
+    "QuantizedProjectorState",
+    "QuantizedWeight",
+    "recipe",
     "replay",
+    "ReplayLog",
     "residual",
+    "ResidualPolicy",
     "resolve_labels",
+    "RuleDims",
     "scale_by_adam_8bit",
+    "scale_by_block_adam",
     "scale_by_hf_adam",
+    "scale_by_hf_bias_correction",
     "scale_by_low_rank",
     "scale_by_norm_growth_limit",
+    "ScaleByAdam8bitState",
+    "ScaleByHFAdamState",
     "shared_seed",
     "skip_nonfinite",
+    "SkipNonFiniteState",
     "spsa_estimate",
     "spsa_update",
     "state_bytes",
     "state_shardings",
     "svd_counts",
+    "WeightFormat",
     "zeroth_order",
+    "ZerothOrderState",
+    "ZerothOrderTransformation",
 ]

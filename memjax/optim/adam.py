@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from memjax.optim import _checks
+
 
 class ScaleByHFAdamState(NamedTuple):
     """State of :func:`scale_by_hf_adam`.
@@ -40,17 +42,22 @@ class ScaleByHFAdamState(NamedTuple):
 
 
 def scale_by_hf_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-                     mu_dtype=None) -> optax.GradientTransformation:
+                     mu_dtype=None, *, bias_correction: bool = True
+                     ) -> optax.GradientTransformation:
     r"""Adam direction with the bias correction folded into the step size.
 
     .. math::
-      U_t = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t} \frac{M_t}{\sqrt{V_t} + \epsilon}
+      U_t = c_t \frac{M_t}{\sqrt{V_t} + \epsilon}, \qquad
+      c_t = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t}
 
     Args:
       b1: decay of the first moment.
       b2: decay of the second moment.
       eps: added to ``sqrt(V)`` before the bias correction (code default of GaLore: 1e-6).
       mu_dtype: optional dtype of the first moment; default the update dtype.
+      bias_correction: ``False`` leaves out ``c_t`` (``U_t = M_t / (sqrt(V_t) + eps)``), for
+        recipes that compute scaling factors from that direction and apply ``c_t`` afterwards
+        with :func:`scale_by_hf_bias_correction` (Fira, APOLLO).
 
     Returns:
       An ``optax.GradientTransformation`` (gradient-only: ``params`` are ignored).
@@ -62,12 +69,7 @@ def scale_by_hf_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
       >>> bool(jnp.allclose(u["w"], 1.0, atol=1e-4))
       True
     """
-    # Hyperparameters may arrive as traced arrays (optax.inject_hyperparams): check numbers only.
-    for name, value in (("b1", b1), ("b2", b2)):
-        if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
-            raise ValueError(f"{name}={value} must lie in [0, 1).")
-    if isinstance(eps, (int, float)) and eps < 0:
-        raise ValueError(f"eps={eps} must be >= 0.")
+    _checks.check_adam(b1, b2, eps)
 
     def init_fn(params):
         return ScaleByHFAdamState(
@@ -81,8 +83,7 @@ def scale_by_hf_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
         count = optax.safe_increment(state.count)
-        t = count.astype(jnp.float32)
-        step = jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+        step = hf_bias_correction(count, b1, b2) if bias_correction else 1.0
         out = jax.tree.map(
             lambda m, v: (step * m.astype(jnp.float32)
                           / (jnp.sqrt(v.astype(jnp.float32)) + eps)).astype(m.dtype),
@@ -92,3 +93,36 @@ def scale_by_hf_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
                                        optax.tree.cast_like(nu, state.nu))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def hf_bias_correction(count: jax.Array, b1, b2) -> jax.Array:
+    r"""``c_t = sqrt(1 - b2^t) / (1 - b1^t)`` at step ``t = count`` (counted from 1), float32."""
+    t = count.astype(jnp.float32)
+    return jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+
+
+def scale_by_hf_bias_correction(b1: float = 0.9, b2: float = 0.999
+                                ) -> optax.GradientTransformation:
+    r"""Multiplies every update by the Hugging Face Adam bias correction of its step.
+
+    .. math::
+      U_t \leftarrow \frac{\sqrt{1 - b_2^t}}{1 - b_1^t}\, U_t \qquad (t = 1, 2, \dots)
+
+    The second half of :func:`scale_by_hf_adam` with ``bias_correction=False``: Fira and APOLLO
+    (arXiv 2410.01623, 2412.05270) scale ``M / (sqrt(V) + eps)`` and apply the correction to
+    the full update, as part of the step size.
+
+    Args:
+      b1, b2: the Adam decays.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is ``optax.ScaleByScheduleState``.
+
+    Example:
+      >>> import jax.numpy as jnp, memjax
+      >>> tx = memjax.optim.scale_by_hf_bias_correction(0.9, 0.999)
+      >>> u, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))
+      >>> round(float(u["w"][0]), 4)  # sqrt(0.001) / 0.1
+      0.3162
+    """
+    return optax.scale_by_schedule(lambda count: hf_bias_correction(count + 1, b1, b2))

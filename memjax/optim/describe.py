@@ -9,7 +9,7 @@ allocated, so a 7B tree is described on a laptop) and reads the state it would h
 * a leaf is ``projected`` when a :class:`memjax.optim.LowRankState` holds a projector for it;
   its side and rank are read from the low-rank moments (``left``: ``r x n``; ``right``:
   ``m x r``, for the matrix ``m x n``);
-* FRUGAL's blockwise mode (:class:`memjax.optim.aliases.BlockState`) marks its matrices
+* FRUGAL's blockwise mode (:class:`memjax.optim.BlockState`) marks its matrices
   ``block`` (their moments live in the shared buffers).
 
 Example:
@@ -29,6 +29,7 @@ import optax
 
 from memjax.optim import accounting
 from memjax.optim import labels as labels_lib
+from memjax.optim.block_adam import BlockState
 from memjax.optim.low_rank import LowRankState
 
 
@@ -156,7 +157,6 @@ def describe(tx: optax.GradientTransformation, params: Any) -> Description:
     Returns:
       A :class:`Description`; ``print(describe(tx, params))`` shows the table.
     """
-    from memjax.optim.aliases import BlockState  # aliases imports this module's siblings
     from memjax.optim.quantized_weights import float_shapes
 
     params = float_shapes(params)  # INT8 weights: described as the float leaves tx sees

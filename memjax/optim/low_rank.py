@@ -24,6 +24,12 @@ inner state plus projector bytes, computed from the inner optimizer's own ``init
 ``(m, n, rank, side, dtype) -> Projector`` (e.g. the INT4-stored SVD projector of
 :mod:`memjax.optim.quantization`), so every subspace shares this one code path.
 
+The static part (each leaf's matrix view, side, projector functions and refresh phase) is a
+per-leaf plan computed once per tree structure, shapes and dtypes and reused by ``init``,
+``update`` and every later trace. A projector is written once, for the left side of a matrix;
+the right side is the left side of the transpose (:func:`memjax.optim.projectors.oriented`),
+so a right-side basis is stored ``n x r``.
+
 Sharding: under automatic (``AxisType.Auto``) meshes the transform runs on sharded parameters
 and keeps its state sharded when jitted with :func:`memjax.optim.state_shardings`. Meshes with
 explicit axes are not supported yet (SVD and the contracted projections would need
@@ -36,32 +42,35 @@ Projection", arXiv 2403.03507 (2024), Algorithm 2.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from memjax.optim import _rng
+from memjax.optim import _checks, _rng
 from memjax.optim import labels as labels_lib
 from memjax.optim import projectors as proj_lib
 from memjax.optim import residual as residual_lib
 
 REFRESH_MODES = ("synchronous", "staggered")
 
-ProjectorFactory = Callable[[int, int, int, str, Any], proj_lib.Projector]
-"""``(m, n, rank, side, dtype) -> Projector``: a custom subspace for ``scale_by_low_rank``."""
+ProjectorFactory = proj_lib.ProjectorFactory
 
 
 class LowRankState(NamedTuple):
     """State of :func:`scale_by_low_rank`.
 
+    Every field but ``count`` and ``inner_state`` is a pytree like the params, so the state of
+    one leaf is found by its path; inside a recipe's chained state the fields are found by name,
+    e.g. ``optax.tree.get(tx.init(params), "projector")["w"]`` (or the whole state with
+    ``optax.tree.get(state, "LowRankState")``).
+
     Attributes:
       count: int32 scalar, steps taken.
       projector: pytree like the params; each low-rank leaf holds its projector state (a float
-        ``P``, int32 indices or a raw PRNG key, with a leading batch axis for stacked leaves),
-        every full-rank leaf an ``optax.MaskedNode()``.
+        basis ``m x r`` or ``n x r``, int32 indices or a raw PRNG key, with a leading batch axis
+        for stacked leaves), every full-rank leaf an ``optax.MaskedNode()``.
       inner_state: the inner optimizer's state over the tree of projected (low-rank) and
         full-rank gradients.
       residual: pytree like the params with each residual policy's per-matrix state.
@@ -76,20 +85,6 @@ class LowRankState(NamedTuple):
     inner_state: optax.OptState
     residual: Any
     keys: Any = None
-
-
-class _LeafPlan(NamedTuple):
-    """Static plan for one low-rank leaf."""
-
-    index: int  # position among all leaves (for PRNG keys)
-    view: labels_lib.MatrixView
-    side: str
-    projector: proj_lib.Projector
-    offset: int  # refresh phase in [0, update_proj_gap)
-
-    @property
-    def batch(self) -> int:
-        return math.prod(self.view.batch_shape) if self.view.batched else 0
 
 
 def _tree_bytes(tree) -> int:
@@ -117,20 +112,112 @@ def _min_state_side(name, m, n, rank, dtype, inner) -> str:
     return min(cost, key=lambda s: (cost[s], s != std))
 
 
-def _batched(fn, nbatch: int, in_axes):
-    return jax.vmap(fn, in_axes=in_axes) if nbatch else fn
+class _LeafPlan(NamedTuple):
+    """Static plan of one low-rank leaf: where its matrices are and how they are projected.
 
-
-def _one_slice_at_a_time(fn, nbatch: int):
-    """``fn`` over the leading batch axis of all its arguments, one slice after the other.
-
-    For the refresh: a batched SVD (``vmap``) keeps the workspace of every slice at once (a copy of
-    the input and ``Vh``: two more stacks of a (32, 4096, 11008) leaf, +11 GiB at LLaMA-7B);
-    ``lax.map`` keeps one slice's. LAPACK runs the slices one after the other either way.
+    Methods act on the whole leaf: a stack of ``batch`` matrices is vmapped (its refresh runs
+    one slice after the other, :meth:`refresh`).
     """
-    if not nbatch:
-        return fn
-    return lambda *args: jax.lax.map(lambda a: fn(*a), args)
+
+    index: int  # position among all leaves (for PRNG keys)
+    view: labels_lib.MatrixView
+    side: str
+    projector: proj_lib.Projector
+    offset: int  # refresh phase in [0, update_proj_gap)
+
+    @property
+    def batch(self) -> int:
+        return math.prod(self.view.batch_shape) if self.view.batched else 0
+
+    def _vmap(self, fn):
+        return jax.vmap(fn) if self.batch else fn
+
+    def matrix(self, leaf: jax.Array) -> jax.Array:
+        """The leaf as ``(m, n)`` (or ``(batch, m, n)``)."""
+        return labels_lib.to_matrix(leaf, self.view)
+
+    def leaf(self, matrix: jax.Array, like: jax.Array) -> jax.Array:
+        """Inverse of :meth:`matrix`, in ``like``'s dtype."""
+        return labels_lib.from_matrix(matrix, self.view).astype(like.dtype)
+
+    def base_keys(self, seed: int) -> jax.Array:
+        """Raw key data of each matrix: ``(2,)``, or ``(batch, 2)`` for a stack."""
+        key = _rng.fold_in(jax.random.key(seed), self.index)
+        if self.batch:
+            return jax.vmap(lambda b: jax.random.key_data(_rng.fold_in(key, b)))(
+                jnp.arange(self.batch))
+        return jax.random.key_data(key)
+
+    def step_keys(self, base: jax.Array, count) -> jax.Array:
+        fold = lambda k: _rng.fold_in(jax.random.wrap_key_data(k), count)  # noqa: E731
+        return self._vmap(fold)(base)
+
+    def init_projector(self, base: jax.Array):
+        """A placeholder projector state (replaced at ``t = 0``, which always refreshes)."""
+        return self._vmap(self.projector.init)(self.step_keys(base, 0))
+
+    def init_residual(self, residual, dtype):
+        init = lambda _: residual.init((self.view.m, self.view.n), dtype)  # noqa: E731
+        return self._vmap(init)(jnp.arange(max(self.batch, 1)))
+
+    def low_zeros(self, dtype) -> jax.Array:
+        return jnp.zeros(((self.batch,) if self.batch else ()) + self.projector.low_shape, dtype)
+
+    def refresh(self, mat, pstate, keys):
+        """A new projector state from the gradient. A stack refreshes one slice after the other
+        (``lax.map``): a batched SVD would keep every slice's workspace at once (+11 GiB for a
+        (32, 4096, 11008) leaf), and LAPACK runs the slices sequentially either way."""
+        if not self.batch:
+            return self.projector.refresh(mat, pstate, keys)
+        return jax.lax.map(lambda a: self.projector.refresh(*a), (mat, pstate, keys))
+
+    def down(self, mat, pstate) -> jax.Array:
+        """``R = down(G)``: ``r x n`` (left) or ``m x r`` (right)."""
+        return self._vmap(self.projector.down)(mat, pstate)
+
+    def apply_residual(self, residual, mat, low, out, pstate, rstate):
+        """The full update from the inner optimizer's ``out`` (a residual policy per matrix)."""
+
+        def one(m, r, o, p, s):
+            up = residual_lib.BackProjection(lambda x: self.projector.up(x, p),
+                                             self.projector.orthonormal)
+            return residual.apply(m, r, o, up, s)
+
+        return self._vmap(one)(mat, low, out, pstate, rstate)
+
+
+def _plan_tree(tree, labels, rank, proj_type, projector, inner, update_proj_gap, refresh):
+    """One :class:`_LeafPlan` (or ``None`` for a full-rank leaf) per leaf of ``tree``."""
+    views = labels_lib.resolve_labels(tree, labels, rank)
+    num_low = sum(v is not None for v in views)
+    plans, j = [], 0
+    for i, (leaf, view) in enumerate(zip(jax.tree.leaves(tree), views)):
+        if view is None:
+            plans.append(None)
+            continue
+        if proj_type == "min_state":
+            side = _min_state_side(projector, view.m, view.n, rank, leaf.dtype, inner)
+        else:
+            side = proj_lib.side_for(proj_type, view.m, view.n)
+        p = _make_projector(projector, view.m, view.n, rank, side, leaf.dtype)
+        offset = (j * update_proj_gap) // num_low if refresh == "staggered" else 0
+        plans.append(_LeafPlan(i, view, side, p, offset))
+        j += 1
+    return tuple(plans)
+
+
+def _plan_cache(build):
+    """``build(tree)`` memoised on the tree's structure, shapes and dtypes."""
+    cache = {}
+
+    def plan(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        key = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        if key not in cache:
+            cache[key] = build(tree)
+        return cache[key]
+
+    return plan
 
 
 class _Pair:
@@ -183,8 +270,11 @@ def scale_by_low_rank(
         (default :func:`memjax.optim.residual.drop` with ``scale``).
       scale: GaLore ``scale`` for the default residual policy (ignored if ``residual`` given).
       proj_type: ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"`` or ``"min_state"``.
-      projector: ``"svd"``, ``"dct"`` or ``"random"``, or a factory
-        ``(m, n, rank, side, dtype) -> Projector`` for a custom subspace.
+      projector: ``"svd"``, ``"dct"``, ``"random"`` or ``"power"`` (warm-started block power
+        iteration, :func:`memjax.optim.power_projector`), or a factory
+        ``(m, n, rank, side, dtype) -> Projector`` for a custom subspace (write it for the left
+        side and wrap it with :func:`memjax.optim.projectors.oriented`). The plan, and so the
+        factory's result, is reused across traces: a factory builds closures, not arrays.
       labels: which leaves are matrices (see :func:`memjax.optim.labels.resolve_labels`);
         default :func:`memjax.optim.label_matrices` with ``rank``.
       refresh: ``"synchronous"`` or ``"staggered"``.
@@ -204,20 +294,12 @@ def scale_by_low_rank(
     Raises:
       ValueError / TypeError: invalid arguments (at construction) or labels (at ``init``).
     """
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}.")
-    if rank < 1:
-        raise ValueError(f"rank={rank} must be >= 1.")
-    if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int):
-        raise TypeError(f"update_proj_gap must be an int, got {type(update_proj_gap).__name__}.")
-    if update_proj_gap < 1:
-        raise ValueError(f"update_proj_gap={update_proj_gap} must be >= 1.")
-    if not callable(projector) and projector not in proj_lib.PROJECTORS:
-        raise ValueError(f"projector={projector!r} is unknown; choose one of {proj_lib.PROJECTORS}.")
-    if proj_type not in proj_lib.PROJ_TYPES:
-        raise ValueError(f"proj_type={proj_type!r} is unknown; choose one of {proj_lib.PROJ_TYPES}.")
-    if refresh not in REFRESH_MODES:
-        raise ValueError(f"refresh={refresh!r} is unknown; choose one of {REFRESH_MODES}.")
+    _checks.check_int("rank", rank, 1)
+    _checks.check_int("update_proj_gap", update_proj_gap, 1)
+    if not callable(projector):
+        _checks.check_choice("projector", projector, proj_lib.PROJECTORS)
+    _checks.check_choice("proj_type", proj_type, proj_lib.PROJ_TYPES)
+    _checks.check_choice("refresh", refresh, REFRESH_MODES)
     if inner is None:
         from memjax.optim.adam import scale_by_hf_adam
         inner = scale_by_hf_adam()
@@ -225,36 +307,8 @@ def scale_by_low_rank(
     if residual is None:
         residual = residual_lib.drop(scale)
 
-    def plan(tree) -> list[_LeafPlan | None]:
-        views = labels_lib.resolve_labels(tree, labels, rank)
-        leaves = jax.tree.leaves(tree)
-        num_low = sum(v is not None for v in views)
-        plans, j = [], 0
-        for i, (leaf, view) in enumerate(zip(leaves, views)):
-            if view is None:
-                plans.append(None)
-                continue
-            if proj_type == "min_state":
-                side = _min_state_side(projector, view.m, view.n, rank, leaf.dtype, inner)
-            else:
-                side = proj_lib.side_for(proj_type, view.m, view.n)
-            p = _make_projector(projector, view.m, view.n, rank, side, leaf.dtype)
-            offset = (j * update_proj_gap) // num_low if refresh == "staggered" else 0
-            plans.append(_LeafPlan(i, view, side, p, offset))
-            j += 1
-        return plans
-
-    def base_keys(lp: _LeafPlan) -> jax.Array:
-        """Raw key data of each matrix of a leaf: ``(2,)``, or ``(batch, 2)`` for a stack."""
-        key = _rng.fold_in(jax.random.key(seed), lp.index)
-        if lp.batch:
-            return jax.vmap(lambda b: jax.random.key_data(_rng.fold_in(key, b)))(
-                jnp.arange(lp.batch))
-        return jax.random.key_data(key)
-
-    def leaf_keys(base: jax.Array, count) -> jax.Array:
-        fold = lambda k: _rng.fold_in(jax.random.wrap_key_data(k), count)  # noqa: E731
-        return jax.vmap(fold)(base) if base.ndim > 1 else fold(base)
+    plan = _plan_cache(lambda tree: _plan_tree(tree, labels, rank, proj_type, projector, inner,
+                                               update_proj_gap, refresh))
 
     def init_fn(params):
         plans = plan(params)
@@ -262,59 +316,47 @@ def scale_by_low_rank(
             params, [None if lp is None else lp.view for lp in plans], labels, rank,
             "scale_by_low_rank")
         leaves, treedef = jax.tree.flatten(params)
-        pstates, rstates, proxies, kstates = [], [], [], []
-        for leaf, lp in zip(leaves, plans):
-            if lp is None:
-                pstates.append(optax.MaskedNode())
-                rstates.append(optax.MaskedNode())
-                kstates.append(optax.MaskedNode())
-                proxies.append(leaf)
-                continue
-            kstates.append(base_keys(lp))
-            # Placeholder projector: replaced at t = 0, which always refreshes.
-            pstates.append(_batched(lp.projector.init, lp.batch, 0)(leaf_keys(kstates[-1], 0)))
-            rinit = lambda _: residual.init((lp.view.m, lp.view.n), leaf.dtype)  # noqa: E731
-            rstates.append(_batched(rinit, lp.batch, 0)(jnp.arange(max(lp.batch, 1))))
-            low_shape = ((lp.batch,) if lp.batch else ()) + lp.projector.low_shape
-            proxies.append(jnp.zeros(low_shape, leaf.dtype))
+        masked = optax.MaskedNode()
+        keys = [masked if lp is None else lp.base_keys(seed) for lp in plans]
+        per_leaf = lambda fn: treedef.unflatten(  # noqa: E731
+            [masked if lp is None else fn(lp, x, k) for lp, x, k in zip(plans, leaves, keys)])
+        proxies = [x if lp is None else lp.low_zeros(x.dtype) for lp, x in zip(plans, leaves)]
         return LowRankState(
             count=jnp.zeros([], jnp.int32),
-            projector=treedef.unflatten(pstates),
+            projector=per_leaf(lambda lp, x, k: lp.init_projector(k)),
             inner_state=inner.init(treedef.unflatten(proxies)),
-            residual=treedef.unflatten(rstates),
-            keys=treedef.unflatten(kstates),
+            residual=per_leaf(lambda lp, x, k: lp.init_residual(residual, x.dtype)),
+            keys=treedef.unflatten(keys),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
         leaves, treedef = jax.tree.flatten(updates)
         plans = plan(updates)
-        pstates = treedef.flatten_up_to(state.projector)
-        rstates = treedef.flatten_up_to(state.residual)
-        kstates = treedef.flatten_up_to(state.keys)
         count = state.count
+        pstates = treedef.flatten_up_to(state.projector)
 
-        lows, mats, new_pstates, dues = [], [], [], []
-        for g, lp, ps, base in zip(leaves, plans, pstates, kstates):
+        # Refresh due projectors and project every matrix leaf.
+        mats, lows, dues = [], [], []
+        for i, (g, lp, base) in enumerate(zip(leaves, plans,
+                                              treedef.flatten_up_to(state.keys))):
             if lp is None:
-                lows.append(g)
                 mats.append(None)
-                new_pstates.append(ps)
+                lows.append(g)
                 dues.append(False)
                 continue
-            mat = labels_lib.to_matrix(g, lp.view)
+            mat = lp.matrix(g)
             due = (count % update_proj_gap) == lp.offset
             if lp.offset:
                 due = jnp.logical_or(due, count == 0)
-            keys = leaf_keys(base, count)
-            refresh_fn = _one_slice_at_a_time(lp.projector.refresh, lp.batch)
-            ps = jax.lax.cond(due, lambda m=mat, p=ps, k=keys: refresh_fn(m, p, k),
-                              lambda p=ps: p)
-            lows.append(_batched(lp.projector.down, lp.batch, 0)(mat, ps))
+            keys = lp.step_keys(base, count)
+            pstates[i] = jax.lax.cond(due, lambda m, p, k, lp=lp: lp.refresh(m, p, k),
+                                      lambda m, p, k: p, mat, pstates[i], keys)
             mats.append(mat)
-            new_pstates.append(ps)
+            lows.append(lp.down(mat, pstates[i]))
             dues.append(due)
 
+        # The inner optimizer on the projected tree.
         inner_state = state.inner_state
         if reset_inner_on_refresh:
             low_dues = [d for d, lp in zip(dues, plans) if lp is not None]
@@ -326,28 +368,21 @@ def scale_by_low_rank(
                                          **extra_args)
         outs = treedef.flatten_up_to(outs)
 
-        new_updates, new_rstates = [], []
-        for g, lp, mat, low, out, ps, rs in zip(leaves, plans, mats, lows, outs, new_pstates,
-                                                rstates):
+        # Back to the full space through the residual policy.
+        rstates = treedef.flatten_up_to(state.residual)
+        new_updates = []
+        for i, (g, lp, mat, low, out) in enumerate(zip(leaves, plans, mats, lows, outs)):
             if lp is None:
                 new_updates.append(out.astype(g.dtype))
-                new_rstates.append(rs)
                 continue
-
-            def apply(m, r, o, p, s, lp=lp):
-                up = residual_lib.BackProjection(lambda x: lp.projector.up(x, p),
-                                                 lp.projector.orthonormal)
-                return residual.apply(m, r, o, up, s)
-
-            full, rs = _batched(apply, lp.batch, 0)(mat, low, out, ps, rs)
-            new_updates.append(labels_lib.from_matrix(full, lp.view).astype(g.dtype))
-            new_rstates.append(rs)
+            full, rstates[i] = lp.apply_residual(residual, mat, low, out, pstates[i], rstates[i])
+            new_updates.append(lp.leaf(full, g))
 
         new_state = LowRankState(
             count=optax.safe_increment(count),
-            projector=treedef.unflatten(new_pstates),
+            projector=treedef.unflatten(pstates),
             inner_state=inner_state,
-            residual=treedef.unflatten(new_rstates),
+            residual=treedef.unflatten(rstates),
             keys=state.keys,
         )
         return treedef.unflatten(new_updates), new_state

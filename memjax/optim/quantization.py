@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from memjax.optim import _checks
 from memjax.optim import projectors as proj_lib
 
 MAPS = ("linear", "dynamic")
@@ -333,15 +334,10 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
       >>> state.mu["w"].dtype, state.mu_absmax["w"].shape
       (dtype('int8'), (2,))
     """
-    for name, value in (("b1", b1), ("b2", b2)):
-        if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
-            raise ValueError(f"{name}={value} must lie in [0, 1).")
-    if isinstance(eps, (int, float)) and eps < 0:
-        raise ValueError(f"eps={eps} must be >= 0.")
+    _checks.check_adam(b1, b2, eps)
     _check_block_size(block_size)
     _check_map(map)
-    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-        raise ValueError(f"min_8bit_size={min_8bit_size!r} must be an int >= 0.")
+    _checks.check_int("min_8bit_size", min_8bit_size, 0)
 
     def quantized(x) -> bool:  # an empty leaf (e.g. a layerwise step's stand-in) stays float32
         return x.size >= max(min_8bit_size, 1)
@@ -508,25 +504,25 @@ def quantized_svd_projector(bits: int = 4, group_size: int = 256, *, lazy: bool 
     """
     _check_bits(bits)
     _check_block_size(group_size)
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-        raise ValueError(f"queue_size={queue_size!r} must be a positive int.")
-    if isinstance(gamma_proj, bool) or not isinstance(gamma_proj, int) or gamma_proj < 1:
-        raise ValueError(f"gamma_proj={gamma_proj!r} must be an int >= 1.")
+    _checks.check_int("queue_size", queue_size, 1)
+    _checks.check_int("gamma_proj", gamma_proj, 1)
     if isinstance(cos_threshold, (int, float)) and not -1.0 <= cos_threshold <= 1.0:
         raise ValueError(f"cos_threshold={cos_threshold} must lie in [-1, 1].")
 
     def factory(m: int, n: int, rank: int, side: str, dtype) -> proj_lib.Projector:
         base = proj_lib.make_projector("svd", m, n, rank, side, jnp.float32)
+        # Stored as the authors store it: the basis as it multiplies G, P (m x r) on the left,
+        # P^T (r x n) on the right, grouped over its row-major flattening.
         p_shape = (m, rank) if side == "left" else (rank, n)
+        as_stored = (lambda b: b) if side == "left" else (lambda b: b.T)
         size = math.prod(p_shape)
         ngroups = num_blocks(size, group_size)
         ncodes = -(-size // 2) if bits == 4 else size
 
-        def dequant(ps):
-            return dequantize_minmax(ps.codes, ps.scale, ps.minimum, p_shape, bits, group_size)
-
-        def first_vector(p):
-            return p[:, 0] if side == "left" else p[0, :]
+        def basis(ps):
+            """The dequantized basis in the base projector's layout (``k x r``)."""
+            return as_stored(dequantize_minmax(ps.codes, ps.scale, ps.minimum, p_shape, bits,
+                                               group_size))
 
         def init(key):
             del key
@@ -538,7 +534,7 @@ def quantized_svd_projector(bits: int = 4, group_size: int = 256, *, lazy: bool 
 
         def take_svd(g, ps, key):
             new = base.refresh(g, None, key).astype(jnp.float32)
-            old_v, new_v = first_vector(dequant(ps)), first_vector(new)
+            old_v, new_v = basis(ps)[:, 0], new[:, 0]
             cos = jnp.dot(old_v, new_v) / (
                 jnp.linalg.norm(old_v) * jnp.linalg.norm(new_v) + 1e-12)
             record = ps.svds > 0
@@ -547,7 +543,7 @@ def quantized_svd_projector(bits: int = 4, group_size: int = 256, *, lazy: bool 
             num = ps.num_similarities + record.astype(jnp.int32)
             grow = record & (num >= queue_size) & (jnp.mean(sims) >= cos_threshold)
             gap = ps.gap_multiplier * jnp.where(grow & lazy, gamma_proj, 1).astype(jnp.int32)
-            codes, scale, lo = quantize_minmax(new, bits, group_size)
+            codes, scale, lo = quantize_minmax(as_stored(new), bits, group_size)
             return ps._replace(codes=codes, scale=scale, minimum=lo, similarities=sims,
                                num_similarities=num, gap_multiplier=gap, svds=ps.svds + 1)
 
@@ -561,12 +557,10 @@ def quantized_svd_projector(bits: int = 4, group_size: int = 256, *, lazy: bool 
             return ps._replace(calls=ps.calls + 1)
 
         def down(g, ps):
-            p = dequant(ps).astype(dtype)
-            return p.T @ g if side == "left" else g @ p.T
+            return base.down(g, basis(ps).astype(dtype))
 
         def up(low, ps):
-            p = dequant(ps).astype(dtype)
-            return p @ low if side == "left" else low @ p
+            return base.up(low, basis(ps).astype(dtype))
 
         return proj_lib.Projector(init, refresh, down, up, base.low_shape)
 

@@ -11,7 +11,7 @@ the parameter it belongs to (found by tree path), dimension by dimension:
   dimension's mesh axes;
 * mesh axes of dimensions that shrank (``m -> r``) move to the largest remaining dimension that is
   unsharded and divisible by their size, so the state stays spread over the same devices;
-* FRUGAL's block moment buffers (``mu`` and ``nu`` of :class:`memjax.optim.aliases.BlockState`,
+* FRUGAL's block moment buffers (``mu`` and ``nu`` of :class:`memjax.optim.BlockState`,
   shared by the active matrices) have their rows split over the mesh axes the parameters are
   sharded on (in order of first use) when the row count is divisible by those axes' total size
   ``D``: each device holds ``1/D`` of them, the moments of its own shard of every matrix sharded
@@ -30,7 +30,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from memjax.optim.aliases import BlockState
+from memjax.optim.block_adam import BlockState
 from memjax.optim.labels import path_str
 
 

@@ -35,7 +35,7 @@ def _records(config):
     return metrics.read(run.run_dir(config, config.optimizers[0]) / "metrics.jsonl")
 
 
-def test_mezo_trains_resumes_exactly_and_needs_less_memory_than_adamw(tmp_path):
+def test_mezo_trains_and_needs_less_memory_than_adamw(tmp_path):
     straight = _config(tmp_path / "straight")
     run_experiment(straight)
     expected = _records(straight)
@@ -46,12 +46,8 @@ def test_mezo_trains_resumes_exactly_and_needs_less_memory_than_adamw(tmp_path):
     final = json.loads((run.run_dir(straight, straight.optimizers[0]) / "final.json").read_text())
     assert final["params_sha256"] != trainer.params_digest(trainer.initial_params(lm, straight.seed))
 
-    stopped = _config(tmp_path / "resumed", stop_after=7)  # the last checkpoint is step 6
-    run_experiment(stopped)
-    run_experiment(_config(tmp_path / "resumed"))
-    got = _records(stopped)
-    assert [(r["step"], r["split"], r["loss"]) for r in got] == \
-        [(r["step"], r["split"], r["loss"]) for r in expected]  # bit-identical after the resume
+    # (exact resume of MeZO through the trainer: the shared-seed test below, which also resumes
+    # its replay log)
 
     adamw = _config(tmp_path / "adamw", optimizers=(OptimizerConfig(name="adamw"),))
     run_experiment(dataclasses.replace(adamw, schedule=ScheduleConfig(steps=1)))

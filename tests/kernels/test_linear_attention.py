@@ -24,6 +24,7 @@ from memjax.kernels.linear_attention import (
     linear_attention_recurrent,
     linear_attention_step,
 )
+from tests.trees import assert_trees_close
 
 # Shapes are tiny, so compile time dominates: compile at XLA's lowest backend optimisation level.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
@@ -180,12 +181,6 @@ def test_chunked_matches_reference_bfloat16(normalize):
     for got_grad, want_grad in zip(got_grads, want_grads):
         assert got_grad.dtype == jnp.bfloat16
         np.testing.assert_allclose(got_grad.astype(jnp.float32), want_grad, **BF16)
-
-
-def assert_trees_close(got, want, **tol):
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(got_leaf, want_leaf, **tol)
 
 
 @pytest.mark.parametrize("normalize", [False, True])

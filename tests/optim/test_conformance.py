@@ -10,6 +10,7 @@ import pytest
 
 from tests.optim.conformance import (GAP, NORMWISE_RTOL, TRANSFORMS, make_grads, make_params,
                                      static_args)
+from tests.trees import assert_trees_close
 
 NAMES = sorted(TRANSFORMS)
 LR = 1e-2
@@ -37,16 +38,9 @@ def _run(tx, params, steps, jit=True, start=0):
 
 def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7, name=None):
     if name in NORMWISE_RTOL:
-        tol = max(NORMWISE_RTOL[name], rtol)
-
-        def close(x, y):
-            y = np.asarray(y, np.float32)
-            np.testing.assert_allclose(np.asarray(x, np.float32), y, rtol=tol,
-                                       atol=tol * float(np.abs(y).max()))
-        jax.tree.map(close, a, b)
-        return
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(
-        np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol), a, b)
+        assert_trees_close(a, b, max(NORMWISE_RTOL[name], rtol), normwise=True)
+    else:
+        assert_trees_close(a, b, rtol, atol)
 
 
 @pytest.mark.parametrize("name", NAMES)

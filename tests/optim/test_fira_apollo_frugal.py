@@ -21,6 +21,7 @@ import memjax
 from memjax.optim import limiter as limiter_lib
 from memjax.optim import residual as residual_lib
 from tests.optim import numpy_reference as ref
+from tests.trees import assert_trees_close
 
 SHAPES = {"a": (48, 20), "b": (20, 48), "c": (32, 32)}  # m > n, m < n, m = n
 STEPS, GAP, RANK, LR = 13, 4, 6, 0.05
@@ -34,10 +35,7 @@ DISPLACEMENT_RTOL = 5e-5
 
 
 def assert_close(actual, desired, rtol=RTOL, err_msg=""):
-    desired = np.asarray(desired, np.float64)
-    np.testing.assert_allclose(np.asarray(actual, np.float64), desired, rtol=rtol,
-                               atol=rtol * max(float(np.abs(desired).max()), 1e-30),
-                               err_msg=err_msg)
+    assert_trees_close(actual, desired, rtol, normwise=True, err_msg=err_msg)
 
 
 def _grads(seed):
@@ -203,11 +201,14 @@ def test_fira_policy_one_back_projection_equals_the_naive_formula(side, shape, r
 def _random_projector(leaf_index, shape, rank, seed=0):
     """The Gaussian projector memjax's ``"random"`` subspace draws for a leaf at step t."""
     m, n = shape
-    p_shape = (rank, n) if m >= n else (m, rank)
+    right = m >= n  # the basis is drawn k x r, k the projected dimension; the reference's
+    # right-side P is its transpose (r x n)
 
     def projector(g, t):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), leaf_index), t)
-        return np.asarray(jax.random.normal(key, p_shape, jnp.float32) / math.sqrt(rank))
+        basis = np.asarray(jax.random.normal(key, (n if right else m, rank), jnp.float32)
+                           / math.sqrt(rank))
+        return basis.T if right else basis
 
     return projector
 
@@ -342,12 +343,12 @@ def test_frugal_block_buffers_hold_row_bands_of_the_active_matrices():
     shapes = {"a": (256, 128), "b": (128, 256), "c": (64, 64), "d": (64, 64)}  # 32768, 32768, 4096
     params = {k: jnp.zeros(s) for k, s in shapes.items()}
     tx = memjax.optim.frugal(LR, density=0.5, subspace="block", order="ascending")
-    (bs,) = _states(tx.init(params), memjax.optim.aliases.BlockState)
+    (bs,) = _states(tx.init(params), memjax.optim.BlockState)
     rows = 4096 // 128  # the smallest matrix keeps 128 columns
     assert bs.mu.shape == bs.nu.shape == (rows, (32768 + 32768) // rows)  # {a, b} then {c, d}
     g = {k: jnp.full(s, i + 1.0) for i, (k, s) in enumerate(shapes.items())}
     _, state = jax.jit(tx.update)(g, tx.init(params), params)
-    (bs,) = _states(state, memjax.optim.aliases.BlockState)
+    (bs,) = _states(state, memjax.optim.BlockState)
     band = 32768 // rows  # "a" then "b", side by side: row s holds the s-th 1/S of each
     np.testing.assert_allclose(bs.mu[:, :band], 0.1 * 1.0)
     np.testing.assert_allclose(bs.mu[:, band:], 0.1 * 2.0)
@@ -394,7 +395,7 @@ def test_frugal_block_matches_numpy_reference(order):
     # >= 3 different active sets (mirror pairs i with 4 - i and never activates the middle one).
     assert len({tuple(a) for a in active_history}) >= (2 if order == "mirror" else 3)
     # Only the active matrices' moments are stored: at most the largest two matrices' worth.
-    (bs,) = _states(state, memjax.optim.aliases.BlockState)
+    (bs,) = _states(state, memjax.optim.BlockState)
     biggest = sorted((math.prod(s) for s in BLOCK_SHAPES), reverse=True)
     assert bs.mu.size <= biggest[0] + biggest[1]
 
@@ -414,7 +415,7 @@ def test_reset_inner_on_refresh_zeroes_refreshed_moments():
     mu_before = np.asarray(state.inner_state.mu["w"])
     _, state = update(g, state)  # t = 3 refreshes "w": its moments restart from one step
     np.testing.assert_allclose(state.inner_state.mu["w"], 0.1 * np.asarray(
-        g["w"] @ state.projector["w"].T), rtol=1e-5)
+        g["w"] @ state.projector["w"]), rtol=1e-5)  # right side: G B, B the n x r basis
     assert not np.allclose(mu_before, state.inner_state.mu["w"])
     # The full-rank bias never refreshes: its moments and the shared count continue.
     assert int(state.inner_state.count) == 4
@@ -466,3 +467,24 @@ def test_frugal_density_one_is_adam():
     params = {"w": jnp.zeros((24, 16))}
     state = memjax.optim.frugal(1e-3, density=1.0).init(params)
     assert not _states(state, memjax.optim.LowRankState)
+
+
+def test_block_adam_alone_steps_active_blocks_with_adam_and_the_rest_state_free():
+    tx = memjax.optim.scale_by_block_adam(0.5, "ascending", update_gap=3, state_free="sgd",
+                                          state_free_lr=0.5, eps=1e-8)
+    params = {"a": jnp.zeros((16, 8)), "b": jnp.zeros((8, 16))}
+    g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.shape[0]), x.shape), params)
+    u, state = jax.jit(tx.update)(g, tx.init(params))
+    # first Adam step: m_hat / (sqrt(v_hat) + eps) = g / (|g| + eps); block "b" is inactive
+    np.testing.assert_allclose(u["a"], g["a"] / (jnp.abs(g["a"]) + 1e-8), rtol=1e-5)
+    np.testing.assert_allclose(u["b"], 0.5 * g["b"], rtol=1e-6)
+    assert isinstance(state, memjax.optim.BlockState) and state.mu.size == 128  # one block
+    for kwargs, name in [(dict(density=0), "density"), (dict(order="up"), "order"),
+                         (dict(update_gap=0), "update_gap"), (dict(state_free="adam"), "state_free")]:
+        with pytest.raises(ValueError, match=name):
+            memjax.optim.scale_by_block_adam(**kwargs)
+
+
+def test_recipe_finish_names_a_bad_decay_order():
+    with pytest.raises(ValueError, match="decay='sideways' is unknown"):
+        memjax.optim.recipe.finish(optax.identity(), 1e-3, 0.1, decay="sideways")

@@ -40,7 +40,7 @@ def test_stacked_layers_are_a_batch_axis():
     labels = lambda p: label_matrices(p, rank=4, num_batch_dims=1)  # noqa: E731
     tx = scale_by_low_rank(4, 2, labels=labels)
     state = tx.init(params)
-    assert state.projector["w"].shape == (3, 4, 10)
+    assert state.projector["w"].shape == (3, 10, 4)  # per layer: the n x r basis (right side)
     assert state.inner_state.mu["w"].shape == (3, 24, 4)
     g = jax.random.normal(jax.random.key(1), (3, 24, 10))
     u, _ = jax.jit(tx.update)({"w": g}, state)
@@ -167,3 +167,14 @@ def test_state_bytes_and_compiled_memory():
     mem = memjax.optim.compiled_memory(lambda x: (x @ x.T).sum(), jnp.zeros((64, 32)))
     assert mem.argument == 64 * 32 * 4 and mem.output == 4
     assert mem.peak >= mem.argument
+
+
+def test_readme_tour_runs():
+    from tests.readme import run_block
+
+    ns = run_block("optax.scale_by_lion()")
+    state = ns["core"].init(ns["params"])
+    projector = optax.tree.get(state, "projector")  # found by name, as the README shows
+    assert projector["mlp"]["up"].dtype == jnp.uint32  # the random subspace stores a key
+    assert isinstance(projector["embed"], optax.MaskedNode)
+    assert ns["info"].scalars.shape[-1] == 1 and np.isfinite(ns["info"].scalars).all()

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import memjax
@@ -15,7 +16,7 @@ KEY = jax.random.key(0)
 def test_canonical_signs_match_numpy_and_are_sign_invariant():
     g = np.random.default_rng(0).standard_normal((12, 7)).astype(np.float32)
     p = make_projector("svd", 12, 7, 3, "right")
-    ours = np.asarray(p.refresh(jnp.asarray(g), p.init(KEY), KEY))
+    ours = np.asarray(p.refresh(jnp.asarray(g), p.init(KEY), KEY)).T  # stored n x r
     _, _, vh = np.linalg.svd(g, full_matrices=False)
     np.testing.assert_allclose(ours, canonical(vh[:3], axis=1), rtol=1e-5, atol=1e-6)
     # Flipping signs of the input vectors does not change the canonical output.
@@ -145,3 +146,100 @@ def test_fused_threefry_with_another_default_prng_impl():
                                       jax.random.normal(rbg, (5, 2)))
     finally:
         jax.config.update("jax_default_prng_impl", old)
+
+
+# ------------------------------------------------------------------------------- power
+
+
+def _numpy_power(g, start, iterations, rank):
+    """Reference: ``iterations`` block power steps ``Q <- qr(G G^T Q)`` on ``G / ||G||_F``, then
+    the top-``rank`` Ritz vectors ``Q W`` (``W``: eigenvectors of ``(Q^T G)(Q^T G)^T``) with
+    the SVD's sign convention; float64."""
+    g = np.asarray(g, np.float64) / np.linalg.norm(g)
+    q = np.asarray(start, np.float64)
+    for _ in range(iterations):
+        q = np.linalg.qr(g @ (g.T @ q))[0]
+    small = q.T @ g
+    vals, vecs = np.linalg.eigh(small @ small.T)
+    return canonical(q @ vecs[:, ::-1][:, :rank], axis=0)
+
+
+def _energy(g, basis):
+    """Fraction of ``||G||^2`` that the column space of ``basis`` captures."""
+    return float(np.linalg.norm(basis.T @ g) ** 2 / np.linalg.norm(g) ** 2)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_power_projector_matches_numpy_block_power_iteration(side):
+    m, n, r = 24, 16, 4
+    extra = 2  # ceil(POWER_OVERSAMPLE * r)
+    rng = np.random.default_rng(3)
+    u, _, vh = np.linalg.svd(rng.standard_normal((m, n)), full_matrices=False)
+    spectrum = np.concatenate([[8.0, 6.0, 5.0, 4.0], np.linspace(1.0, 0.5, n - 4)])
+    g = ((u * spectrum) @ vh).astype(np.float32)  # a gap after the 4th singular value
+    p = make_projector("power", m, n, r, side)
+    view = g if side == "left" else g.T  # the right side is the left side of G^T
+    k = view.shape[0]
+    first = np.asarray(p.refresh(jnp.asarray(g), p.init(KEY), jax.random.key(7)))
+    start = np.asarray(jax.random.normal(jax.random.key(7), (k, r + extra), jnp.float32))
+    want = _numpy_power(view, start, memjax.optim.projectors.POWER_INIT_ITERATIONS, r)
+    np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-4)
+    # A warm refresh: one step from [stored basis, fresh Gaussian columns].
+    g2 = g + 0.1 * rng.standard_normal((m, n)).astype(np.float32)
+    second = np.asarray(p.refresh(jnp.asarray(g2), jnp.asarray(first), jax.random.key(8)))
+    fresh = np.asarray(jax.random.normal(jax.random.key(8), (k, extra), jnp.float32))
+    want = _numpy_power(g2 if side == "left" else g2.T, np.concatenate([first, fresh], 1), 1, r)
+    np.testing.assert_allclose(second, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(second.T @ second, np.eye(r), atol=1e-5)  # orthonormal
+    # Close to the SVD's basis (signs included), and down / up are the SVD projector's.
+    svd = make_projector("svd", m, n, r, side)
+    exact = np.asarray(svd.refresh(jnp.asarray(g2), svd.init(KEY), KEY))
+    assert np.min(np.sum(second * exact, axis=0)) > 0.99
+    low = p.down(jnp.asarray(g), second)
+    np.testing.assert_allclose(low, svd.down(jnp.asarray(g), jnp.asarray(second)), rtol=1e-6)
+
+
+def test_power_projector_tracks_a_rotating_subspace_like_the_svd():
+    # A gradient stream whose top-8 subspace rotates a little between refreshes: one warm
+    # iteration per refresh captures >= 0.99 of the energy the exact SVD basis captures.
+    m, n, r, steps = 64, 48, 8, 30
+    rng = np.random.default_rng(0)
+    u = np.linalg.qr(rng.standard_normal((m, m)))[0]
+    v = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    spectrum = np.concatenate([np.linspace(10, 4, r), 0.5 * np.ones(n - r)])
+    angle = rng.standard_normal((m, m)) * 0.02
+    rot = np.linalg.qr(np.eye(m) + angle - angle.T)[0]  # a small rotation
+    p = make_projector("power", m, n, r, "left")
+    refresh = jax.jit(p.refresh)
+    state = p.init(KEY)
+    for t in range(steps):
+        g = (u[:, :n] * spectrum) @ v.T + 0.05 * rng.standard_normal((m, n))
+        state = refresh(jnp.asarray(g, jnp.float32), state, jax.random.key(t))
+        best = _energy(g, np.linalg.svd(g)[0][:, :r])
+        assert _energy(g, np.asarray(state, np.float64)) >= 0.99 * best, t
+        u = rot @ u
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"iterations": 0}, ValueError), ({"init_iterations": 0}, ValueError),
+    ({"oversample": -0.5}, ValueError), ({"iterations": 1.5}, TypeError),
+    ({"oversample": "half"}, TypeError)])
+def test_power_projector_rejects_bad_arguments(kwargs, error):
+    with pytest.raises(error, match=f"{next(iter(kwargs))}.* must be"):
+        memjax.optim.power_projector(**kwargs)
+
+
+def test_galore_with_power_projector_on_stacked_and_plain_leaves():
+    params = {"w": jnp.zeros((3, 24, 10)), "v": jnp.zeros((10, 24)), "b": jnp.zeros(10)}
+    labels = {"w": memjax.optim.MatrixDims(1, 2), "v": True, "b": False}
+    tx = memjax.optim.galore(1e-2, rank=4, update_proj_gap=2, projector="power", labels=labels)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.ndim), x.shape), params)
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        u, state = update(grads, state, params)
+    basis = optax.tree.get(state, "projector")
+    assert basis["w"].shape == (3, 10, 4) and basis["v"].shape == (10, 4)
+    for b in (basis["w"][1], basis["v"]):
+        np.testing.assert_allclose(b.T @ b, np.eye(4), atol=1e-5)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))

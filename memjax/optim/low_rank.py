@@ -42,6 +42,7 @@ Projection", arXiv 2403.03507 (2024), Algorithm 2.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -186,12 +187,31 @@ class _LeafPlan(NamedTuple):
         return self._vmap(one)(mat, low, out, pstate, rstate)
 
 
+def _leaf_ranks(tree, labels, rank) -> list:
+    """``(view, rank)`` per leaf, ``(None, None)`` for a full-rank leaf; ``rank`` an int or a
+    callable of the view (``None``: keep the leaf full-rank)."""
+    if not callable(rank):
+        return [(v, None if v is None else rank)
+                for v in labels_lib.resolve_labels(tree, labels, rank)]
+    out = []
+    paths = [labels_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    for path, view in zip(paths, labels_lib.resolve_labels(tree, labels, 1)):
+        r = None if view is None else rank(view)
+        if r is not None:
+            _checks.check_int(f"rank({path!r})", r, 1)
+            if r > min(view.m, view.n):
+                raise ValueError(f"rank({path!r})={r} exceeds the smaller side of its "
+                                 f"{view.m}x{view.n} matrix.")
+        out.append((None, None) if r is None else (view, r))
+    return out
+
+
 def _plan_tree(tree, labels, rank, proj_type, projector, inner, update_proj_gap, refresh):
     """One :class:`_LeafPlan` (or ``None`` for a full-rank leaf) per leaf of ``tree``."""
-    views = labels_lib.resolve_labels(tree, labels, rank)
-    num_low = sum(v is not None for v in views)
+    views = _leaf_ranks(tree, labels, rank)
+    num_low = sum(v is not None for v, _ in views)
     plans, j = [], 0
-    for i, (leaf, view) in enumerate(zip(jax.tree.leaves(tree), views)):
+    for i, (leaf, (view, rank)) in enumerate(zip(jax.tree.leaves(tree), views)):
         if view is None:
             plans.append(None)
             continue
@@ -246,7 +266,7 @@ def _reset_inner(inner, inner_state, lows_tree, dues_tree, all_due):
 
 
 def scale_by_low_rank(
-    rank: int,
+    rank: int | Callable[[labels_lib.MatrixView], int | None],
     update_proj_gap: int = 200,
     *,
     inner: optax.GradientTransformation | None = None,
@@ -262,7 +282,10 @@ def scale_by_low_rank(
     """Runs ``inner`` on low-rank projections of the matrix leaves; the composable building block.
 
     Args:
-      rank: subspace dimension ``r`` (>= 1).
+      rank: subspace dimension ``r`` (>= 1), or a callable ``MatrixView -> int | None`` giving
+        each labelled leaf its own rank (``None`` keeps that leaf full-rank; the default labels
+        then keep every matrix with both sides >= 2), e.g.
+        ``lambda v: None if v.m * v.n < 4096 else min(v.m, v.n) // 4``.
       update_proj_gap: refresh period ``T`` (>= 1) of each projector.
       inner: a gradient-only optax transform (default :func:`memjax.optim.scale_by_hf_adam`).
         It sees the projected gradients of matrix leaves and the raw gradients of the others.
@@ -294,7 +317,8 @@ def scale_by_low_rank(
     Raises:
       ValueError / TypeError: invalid arguments (at construction) or labels (at ``init``).
     """
-    _checks.check_int("rank", rank, 1)
+    if not callable(rank):
+        _checks.check_int("rank", rank, 1)
     _checks.check_int("update_proj_gap", update_proj_gap, 1)
     if not callable(projector):
         _checks.check_choice("projector", projector, proj_lib.PROJECTORS)
@@ -313,8 +337,8 @@ def scale_by_low_rank(
     def init_fn(params):
         plans = plan(params)
         labels_lib.warn_if_nothing_projected(
-            params, [None if lp is None else lp.view for lp in plans], labels, rank,
-            "scale_by_low_rank")
+            params, [None if lp is None else lp.view for lp in plans], labels,
+            1 if callable(rank) else rank, "scale_by_low_rank")
         leaves, treedef = jax.tree.flatten(params)
         masked = optax.MaskedNode()
         keys = [masked if lp is None else lp.base_keys(seed) for lp in plans]

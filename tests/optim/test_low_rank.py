@@ -178,3 +178,27 @@ def test_readme_tour_runs():
     assert projector["mlp"]["up"].dtype == jnp.uint32  # the random subspace stores a key
     assert isinstance(projector["embed"], optax.MaskedNode)
     assert ns["info"].scalars.shape[-1] == 1 and np.isfinite(ns["info"].scalars).all()
+
+
+def test_per_leaf_rank_from_a_callable_equals_separate_int_ranks():
+    params = {"a": jnp.zeros((64, 32)), "b": jnp.zeros((16, 48)), "c": jnp.zeros((8, 8)),
+              "bias": jnp.zeros((32,))}
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
+
+    def rank(view):  # a quarter of the smaller side; small matrices stay full-rank
+        return None if view.m * view.n < 256 else min(view.m, view.n) // 4
+
+    tx = scale_by_low_rank(rank, 3)
+    state = tx.init(params)
+    assert state.inner_state.mu["a"].shape == (64, 8) and state.inner_state.mu["b"].shape == (4, 48)
+    assert state.inner_state.mu["c"].shape == (8, 8)  # None: full-rank
+    updates, _ = jax.jit(tx.update)(grads, state)
+    for name, r in (("a", 8), ("b", 4)):  # each projected leaf as scale_by_low_rank(r) alone
+        labels = {k: k == name for k in params}
+        alone = scale_by_low_rank(r, 3, labels=labels)
+        want, _ = jax.jit(alone.update)(grads, alone.init(params))
+        np.testing.assert_allclose(updates[name], want[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"rank\('a'\)=40 exceeds"):
+        scale_by_low_rank(lambda v: 40, 3).init(params)
+    with pytest.raises(TypeError, match=r"rank\('a'\) must be an int"):
+        scale_by_low_rank(lambda v: 2.0, 3).init(params)

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 import memjax
-from experiments import configs, data, run
+from experiments import configs, data, run, trainer
 from memjax.models import lm as lmlib
 from memjax.optim import projectors
 
@@ -50,9 +50,8 @@ def main(argv=None):
     galore_cfg = next(o for o in config.optimizers if o.name == "galore")
     rank, gap = galore_cfg.rank, galore_cfg.update_proj_gap
     lm_config = run.lm_config(config)
-    model = lmlib.LM(lm_config, rngs=nnx.Rngs(params=config.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)  # the trainer's parameters: a pure dict
+    graphdef = trainer.abstract_model(lm_config, config.seed)[0]
+    params = trainer.initial_params(lm_config, config.seed)  # the trainer's, bit for bit
     source = data.make_source(config.data, vocab_size=lm_config.vocab_size, num_val_batches=1,
                               seed=config.seed)
     tx = memjax.optim.galore(galore_cfg.learning_rate, rank=rank, update_proj_gap=gap,
@@ -60,7 +59,7 @@ def main(argv=None):
     state = tx.init(params)
 
     def loss_fn(p, tokens):
-        return lmlib.next_token_loss(nnx.merge(graphdef, _param_state(model, p)), tokens)
+        return lmlib.next_token_loss(nnx.merge(graphdef, p), tokens)
 
     @jax.jit
     def step(p, s, tokens):
@@ -112,12 +111,6 @@ def main(argv=None):
         print(f"| {t} | {loss:.3f} | {worst:.4f} | {mean:.4f} |")
     print(f"\nworst over every refresh and matrix: {min(r[2] for r in rows):.4f}; "
           f"mean {np.mean([r[3] for r in rows]):.4f}")
-
-
-def _param_state(model, pure):
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, pure)
-    return state
 
 
 if __name__ == "__main__":

@@ -135,15 +135,11 @@ def scale_by_block_adam(density: float = 0.25, order: str = "descending",
     _checks.check_choice("state_free", state_free, STATE_FREE)
     _checks.check_nonnegative("state_free_lr", state_free_lr)
     _checks.check_int("update_gap", update_gap, 1)
-    free_mode, free_lr = state_free, state_free_lr
 
     def plan(tree):
-        """``(leaf indices, column widths, S, capacity // S, table, active count)``, every leaf
-        a block."""
-        leaves = jax.tree.leaves(tree)
-        idx = list(range(len(leaves)))
-        sizes = np.array([x.size for x in leaves], np.int64)
-        num = len(idx)
+        """``(column widths, S, capacity // S, table, active count)``; every leaf is a block."""
+        sizes = np.array([x.size for x in jax.tree.leaves(tree)], np.int64)
+        num = len(sizes)
         num_active = max(1, round(density * num))
         if order == "mirror" and num_active % 2:
             raise ValueError(f"order='mirror' needs an even number of active blocks; "
@@ -157,10 +153,10 @@ def scale_by_block_adam(density: float = 0.25, order: str = "descending",
         else:
             table = _active_sets(num, num_active, order)
             width = int((table * cols[None, :]).sum(axis=1).max())
-        return idx, cols, rows, width, table, num_active
+        return cols, rows, width, table, num_active
 
     def init_fn(params):
-        _, _, rows, width, _, _ = plan(params)
+        _, rows, width, _, _ = plan(params)
         zero = jnp.zeros([], jnp.int32)
         return BlockState(zero, zero, jnp.zeros((rows, width), jnp.float32),
                           jnp.zeros((rows, width), jnp.float32))
@@ -168,8 +164,8 @@ def scale_by_block_adam(density: float = 0.25, order: str = "descending",
     def update_fn(updates, state, params=None):
         del params
         leaves, treedef = jax.tree.flatten(updates)
-        idx, cols, rows, width, table, num_active = plan(updates)
-        num = len(idx)
+        cols, rows, width, table, num_active = plan(updates)
+        num = len(leaves)
         switch_index = state.step // update_gap
         if table is None:
             key = jax.random.fold_in(jax.random.key(seed), switch_index)
@@ -194,20 +190,20 @@ def scale_by_block_adam(density: float = 0.25, order: str = "descending",
         olds = [(jax.lax.dynamic_slice(mu, (0, offs[k]), (rows, bands[k])),
                  jax.lax.dynamic_slice(nu, (0, offs[k]), (rows, bands[k]))) for k in range(num)]
         olds, mu, nu = jax.lax.optimization_barrier((olds, mu, nu))
-        out = list(leaves)
-        for k, i in enumerate(idx):
-            g, on = leaves[i], active[k]
+        out = []
+        for k, g in enumerate(leaves):
+            on = active[k]
             m_old, v_old = olds[k]
             g32 = g.astype(jnp.float32).reshape(rows, bands[k])
             m = b1 * m_old + (1.0 - b1) * g32
             v = b2 * v_old + (1.0 - b2) * g32 * g32
             u_adam = ((m / bc1) / (jnp.sqrt(v / bc2) + eps)).reshape(g.shape).astype(g.dtype)
-            if free_mode == "none":
+            if state_free == "none":
                 u_free = jnp.zeros_like(g)
             else:
-                u_free = jnp.sign(g) if free_mode == "sign" else g
-                u_free = (free_lr * u_free.astype(jnp.float32)).astype(g.dtype)
-            out[i] = jnp.where(on, u_adam, u_free)
+                u_free = jnp.sign(g) if state_free == "sign" else g
+                u_free = (state_free_lr * u_free.astype(jnp.float32)).astype(g.dtype)
+            out.append(jnp.where(on, u_adam, u_free))
             # An inactive matrix's band may overlap active ones: it writes nothing (a zero-width
             # update is impossible, so it writes back what the chain holds there now).
             mu = jax.lax.dynamic_update_slice(

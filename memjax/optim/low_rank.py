@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from memjax.optim import _checks, _rng
+from memjax.optim import _checks, _rng, accounting
 from memjax.optim import labels as labels_lib
 from memjax.optim import projectors as proj_lib
 from memjax.optim import residual as residual_lib
@@ -88,10 +88,6 @@ class LowRankState(NamedTuple):
     keys: Any = None
 
 
-def _tree_bytes(tree) -> int:
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 def _make_projector(projector, m, n, rank, side, dtype) -> proj_lib.Projector:
     if callable(projector):
         return projector(m, n, rank, side, dtype)
@@ -107,8 +103,8 @@ def _min_state_side(name, m, n, rank, dtype, inner) -> str:
             continue
         p = _make_projector(name, m, n, rank, side, dtype)
         low = jax.ShapeDtypeStruct(p.low_shape, dtype)
-        cost[side] = (_tree_bytes(jax.eval_shape(inner.init, low))
-                      + _tree_bytes(jax.eval_shape(p.init, key)))
+        cost[side] = (accounting.state_bytes(jax.eval_shape(inner.init, low))
+                      + accounting.state_bytes(jax.eval_shape(p.init, key)))
     std = proj_lib.side_for("std", m, n)
     return min(cost, key=lambda s: (cost[s], s != std))
 

@@ -94,13 +94,18 @@ def _materialize(tree, seed):
                               for k, x in zip(keys, leaves)])
 
 
-def time_steps(tx, params, grads, steps):
+def compile_step(tx, params, grads):
+    """(the compiled, donated ``update + apply_updates`` step of ``tx``, its initial state)."""
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
     state = jax.jit(tx.init)(params)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile(), state
+
+
+def time_steps(tx, params, grads, steps):
+    compiled, state = compile_step(tx, params, grads)
     mem = compiled.memory_analysis()
     params = jax.tree.map(jnp.copy, params)
     times = []

@@ -1,9 +1,10 @@
 """Functional cores of the sequence layers: readable references, XLA and Pallas implementations.
 
 Each core is a subpackage (``reference.py`` beside the fast implementation, and ``ops.py`` that
-dispatches on ``impl=``). A subpackage can be called as its main function:
-``memjax.kernels.selective_scan(u, delta, A, B, C)`` is
-``memjax.kernels.selective_scan.selective_scan(...)``.
+dispatches on ``impl=``, per lowering platform for ``"auto"`` and ``"pallas"``). Entry points are
+plain functions: ``memjax.kernels.selective_scan.selective_scan(u, delta, A, B, C)``,
+``memjax.kernels.linear_attention.linear_attention(q, k, v)``,
+``memjax.kernels.combiner_attention`` and ``memjax.kernels.scatterbrain_attention``.
 """
 
 from memjax.kernels import combiner, linear_attention, scatterbrain, selective_scan

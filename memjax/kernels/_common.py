@@ -1,20 +1,10 @@
-"""Helpers shared by the kernels: Pallas backend choice and tile arithmetic, and the checks of
-attention-style ``(q, k, v)`` inputs."""
+"""Helpers shared by the kernels: tile arithmetic and the checks of attention-style ``(q, k, v)``
+inputs."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-
-def default_backend() -> str:
-    """The Pallas kernel style for JAX's default backend: "tpu" on TPU, else "triton"."""
-    return "tpu" if jax.default_backend() == "tpu" else "triton"
-
-
-def auto_impl() -> str:
-    """What ``impl="auto"`` means: "pallas" on GPU / TPU, else "xla"."""
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
 
 
 def next_power_of_two(n: int) -> int:

@@ -134,7 +134,9 @@ class Mamba(nnx.Module):
       conv_bias: bias in the depthwise conv.
       bias: biases in in_proj and out_proj.
       chunk_size: maximum chunk length of the chunked selective scan.
-      impl: selective-scan implementation ("auto", "xla", "reference").
+      impl: selective-scan implementation ("auto", "xla", "pallas", "reference"); "auto" runs the
+        Pallas kernels on GPU / TPU and the chunked XLA scan on CPU, chosen per lowering platform
+        (see ``memjax.kernels.selective_scan.selective_scan``).
       dtype: computation dtype of the projections (None: from inputs and params); the scan itself runs in
         float32.
       param_dtype: parameter dtype.

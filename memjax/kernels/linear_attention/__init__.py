@@ -26,7 +26,3 @@ __all__ = [
     "linear_attention_recurrent",
     "linear_attention_step",
 ]
-
-from memjax.kernels._callable import make_module_callable  # noqa: E402
-
-make_module_callable(__name__, linear_attention)

@@ -11,10 +11,12 @@ at a time for decoding. Lightning attention (TransNormerLLM) uses the fixed per-
 :func:`lightning_decay`, ``lam_h = exp(-s_h)`` with slopes ``s_h = 2^(-8 (h + 1) / H)``.
 
 Implementations (``impl``): ``"xla"`` the chunkwise form of ``chunked.py``; ``"pallas"`` the
-Pallas kernels of ``pallas.py`` (Triton on GPU, Mosaic on TPU, ``interpret=True`` on CPU) for the
-causal un-normalised form, which falls back to ``"xla"`` for ``normalize=True`` or
+Pallas kernels of ``pallas.py`` (Triton on GPU, Mosaic on TPU, the Pallas interpreter on CPU) for
+the causal un-normalised form, which falls back to ``"xla"`` for ``normalize=True`` or
 ``causal=False``; ``"reference"`` the quadratic form of ``reference.py`` (O(L^2), for tests);
-``"auto"`` is ``"pallas"`` on GPU and TPU and ``"xla"`` elsewhere (CPU).
+``"auto"`` (default) is ``"pallas"`` on GPU and TPU and ``"xla"`` elsewhere (CPU). The platform is
+the one the computation is lowered for (``jax.lax.platform_dependent``), not the host's default
+backend, so a CPU host exports the GPU or TPU kernels and a multi-platform export holds each.
 
 Layout: ``q, k``: (batch, L, heads, d_k); ``v``: (batch, L, heads, d_v); ``decay``: (heads,);
 state: (batch, heads, d_k, d_v), or :class:`LinearAttentionState` ``(kv, k_sum)`` with ``k_sum``
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memjax.kernels._common import auto_impl
+from memjax.kernels._platform import platform_dependent
 from memjax.kernels.linear_attention.chunked import linear_attention_chunked
 from memjax.kernels.linear_attention.pallas import linear_attention_pallas
 from memjax.kernels.linear_attention.reference import (
@@ -60,7 +62,7 @@ def _quadratic(q, k, v, *, chunk_size, **kwargs):
 
 
 def _pallas(q, k, v, *, decay, causal, normalize, eps, chunk_size, initial_state,
-            return_last_state, interpret=False):
+            return_last_state, interpret=False, backend=None):
     """The Pallas kernels for the causal un-normalised form; the chunked XLA form otherwise."""
     if normalize or not causal:
         return linear_attention_chunked(q, k, v, decay=decay, causal=causal, normalize=normalize,
@@ -69,13 +71,35 @@ def _pallas(q, k, v, *, decay, causal, normalize, eps, chunk_size, initial_state
                                         return_last_state=return_last_state)
     return linear_attention_pallas(q, k, v, decay=decay, initial_state=initial_state,
                                    return_last_state=return_last_state, chunk_size=chunk_size,
-                                   interpret=interpret)
+                                   interpret=interpret, backend=backend)
+
+
+def _auto(q, k, v, *, interpret=False, **options):
+    """The Pallas kernels where Pallas compiles (CUDA / ROCm: Triton, TPU: Mosaic), else "xla",
+    chosen per lowering platform (see ``memjax.kernels._platform.platform_dependent``)."""
+    if options["normalize"] or not options["causal"]:  # no kernel for these forms
+        return linear_attention_chunked(q, k, v, **options)
+    decay, initial_state = options.pop("decay"), options.pop("initial_state")
+
+    def branch(impl, **extra):
+        def run(q, k, v, decay, initial_state):  # outputs in q.dtype (chunked: float32)
+            result = impl(q, k, v, decay=decay, initial_state=initial_state, **options, **extra)
+            if options["return_last_state"]:
+                return result[0].astype(q.dtype), result[1]
+            return result.astype(q.dtype)
+        return run
+
+    return platform_dependent(q, k, v, decay, initial_state,
+                              gpu=branch(_pallas, backend="triton", interpret=interpret),
+                              tpu=branch(_pallas, backend="tpu", interpret=interpret),
+                              other=branch(linear_attention_chunked))
 
 
 # Every implementation has the signature of ``linear_attention_chunked``: keyword arguments
 # decay, causal, normalize, eps, chunk_size, initial_state, return_last_state; float32 results
-# (the Pallas kernels return ``q.dtype``). "pallas" also takes ``interpret``.
+# (the Pallas kernels return ``q.dtype``). "pallas" and "auto" also take ``interpret``.
 _IMPLEMENTATIONS = {
+    "auto": _auto,
     "xla": linear_attention_chunked,
     "pallas": _pallas,
     "reference": _quadratic,
@@ -101,12 +125,10 @@ def lightning_decay(num_heads: int) -> np.ndarray:
     return np.exp(-lightning_slopes(num_heads).astype(np.float64)).astype(np.float32)
 
 
-def _resolve_impl(impl: str) -> str:
-    """The implementation name behind ``impl``; "auto": "pallas" on GPU / TPU, else "xla"."""
-    if impl == "auto":
-        return auto_impl()
+def _check_impl(impl: str) -> str:
+    """Check ``impl`` ("auto" is resolved per lowering platform, not here)."""
     if impl not in _IMPLEMENTATIONS:
-        known = ", ".join(repr(name) for name in ("auto", *_IMPLEMENTATIONS))
+        known = ", ".join(repr(name) for name in _IMPLEMENTATIONS)
         raise ValueError(f"impl must be one of {known}, got {impl!r}.")
     return impl
 
@@ -174,8 +196,9 @@ def linear_attention(q, k, v, *, decay=None, causal=True, normalize=False, eps=1
       initial_state: causal only; state before the first token, (batch, heads, d_k, d_v)
         (or ``(kv, k_sum)`` when ``normalize``). None means zeros.
       return_last_state: causal only; also return the state after the last token (float32).
-      impl: ``"auto"``, ``"xla"``, ``"pallas"`` or ``"reference"``.
-      interpret: run the ``"pallas"`` kernels in the Pallas interpreter (required on CPU).
+      impl: ``"auto"``, ``"xla"``, ``"pallas"`` or ``"reference"`` (see the module docstring);
+        ``"auto"`` and ``"pallas"`` pick the kernel per lowering platform.
+      interpret: run the Pallas kernels in the Pallas interpreter on every platform.
 
     Returns:
       out (batch, L, heads, d_v) in ``q.dtype``; ``(out, last_state)`` if ``return_last_state``.
@@ -196,9 +219,9 @@ def linear_attention(q, k, v, *, decay=None, causal=True, normalize=False, eps=1
     if initial_state is not None:
         _check_state(initial_state, "initial_state", normalize, (batch, heads, d_k, d_v),
                      (batch, heads, d_k))
-    name = _resolve_impl(impl)
+    name = _check_impl(impl)
     fn = _IMPLEMENTATIONS[name]
-    if name == "pallas":
+    if name in ("pallas", "auto"):
         fn = functools.partial(fn, interpret=interpret)
     result = fn(q, k, v, decay=decay, causal=causal, normalize=normalize, eps=eps,
                 chunk_size=int(chunk_size), initial_state=initial_state,

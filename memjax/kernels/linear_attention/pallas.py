@@ -34,7 +34,9 @@ Two ways to walk the chunks (``backend``), with identical per-chunk math:
   (sequential); the state lives in a VMEM scratch buffer carried across grid steps, so only one
   chunk of Q, K, V is resident in VMEM at a time. C is rounded up to a multiple of 8.
 
-Both run on CPU with ``interpret=True``. Layout: q, k (batch, L, heads, d_k); v (batch, L, heads,
+Both run on CPU with ``interpret=True``. With ``backend=None`` the kernel style is chosen per
+lowering platform (Triton on CUDA / ROCm, Mosaic on TPU, the Pallas interpreter elsewhere), so a
+CPU host can export the GPU or TPU kernel. Layout: q, k (batch, L, heads, d_k); v (batch, L, heads,
 d_v); decay (heads,) in (0, 1] or None; states (batch, heads, d_k, d_v) float32.
 
 References:
@@ -53,9 +55,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from memjax.kernels._common import default_backend, next_power_of_two, round_up
+from memjax.kernels._common import next_power_of_two, round_up
+from memjax.kernels._platform import for_backend, platform_dependent
 
-__all__ = ["BACKENDS", "default_backend", "linear_attention_pallas"]
+__all__ = ["BACKENDS", "linear_attention_pallas"]
 
 Backend = Literal["triton", "tpu"]
 BACKENDS = ("triton", "tpu")
@@ -314,7 +317,7 @@ class _Specs:
 
 
 def _call(kernel, cfg: _Config, specs: _Specs, grid, in_specs, out_specs, out_shape, scratch):
-    return pl.pallas_call(
+    call = pl.pallas_call(
         functools.partial(kernel, cfg=cfg),
         grid=grid,
         in_specs=in_specs,
@@ -324,6 +327,7 @@ def _call(kernel, cfg: _Config, specs: _Specs, grid, in_specs, out_specs, out_sh
         compiler_params=specs.compiler_params(),
         interpret=cfg.interpret,
     )
+    return for_backend(call, cfg.backend, cfg.interpret)
 
 
 def _forward(cfg: _Config, q, k, v, log_decay, s0):
@@ -451,19 +455,34 @@ def linear_attention_pallas(q, k, v, *, decay=None, initial_state=None, return_l
         multiple of 8), and clipped to the (rounded) length. The result does not depend on it.
       block_v: d_v tile per program (Triton: power of two, default 64; TPU: a multiple of 128
         dividing d_v, default all of d_v).
-      backend: "triton" (GPU) or "tpu" (Mosaic); None picks by JAX's default backend.
-      interpret: run the kernels in the Pallas interpreter (any backend, e.g. CPU tests): True,
-        or a ``pltpu.InterpretParams()`` for the TPU-faithful interpreter (backend "tpu").
+      backend: "triton" (GPU) or "tpu" (Mosaic); None picks per lowering platform
+        (``jax.lax.platform_dependent``): Triton on CUDA / ROCm, Mosaic on TPU, and elsewhere
+        (CPU) the Triton-style kernels in the Pallas interpreter.
+      interpret: run the kernels in the Pallas interpreter on every platform: True
+        (Triton-style kernels unless ``backend`` says otherwise), or a
+        ``pltpu.InterpretParams()`` for the TPU-faithful interpreter (backend "tpu").
       num_warps, num_stages: Triton compiler parameters.
 
     Returns:
       out (batch, L, heads, d_v) in ``q.dtype``, and the last state if ``return_last_state``.
     """
-    backend = backend or default_backend()
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    if backend is None and not interpret:
+        def kernel(style, interpret=False):
+            def run(q, k, v, decay, initial_state):
+                return linear_attention_pallas(
+                    q, k, v, decay=decay, initial_state=initial_state,
+                    return_last_state=return_last_state, chunk_size=chunk_size,
+                    block_v=block_v, backend=style, interpret=interpret, num_warps=num_warps,
+                    num_stages=num_stages)
+            return run
+
+        return platform_dependent(q, k, v, decay, initial_state, gpu=kernel("triton"),
+                                  tpu=kernel("tpu"), other=kernel("triton", interpret=True))
+    backend = backend or "triton"
     batch, length, heads, d_k = q.shape
     d_v = v.shape[-1]
     chunk, num_chunks, d_k_p, d_v_p, block = _tiles(backend, length, d_k, d_v, chunk_size,

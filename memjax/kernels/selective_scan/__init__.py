@@ -9,7 +9,3 @@ from memjax.kernels.selective_scan.ops import selective_scan
 from memjax.kernels.selective_scan.reference import selective_scan_reference, selective_state_update
 
 __all__ = ["selective_scan", "selective_scan_reference", "selective_state_update"]
-
-from memjax.kernels._callable import make_module_callable  # noqa: E402
-
-make_module_callable(__name__, selective_scan)

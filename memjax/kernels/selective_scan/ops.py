@@ -15,8 +15,12 @@ Implementations (`impl=`):
   only chunk-boundary states saved for the backward pass); differentiated by JAX autodiff.
 * ``"pallas"``: `pallas.selective_scan_pallas`, Pallas kernels (Triton on GPU, Mosaic on TPU) that
   carry the state in fast memory, with a `jax.custom_vjp` whose backward kernel recomputes the states
-  from chunk-entry states. On CPU it needs ``interpret=True`` (the Pallas interpreter, for tests).
-* ``"auto"``: ``"pallas"`` on GPU and TPU, ``"xla"`` elsewhere (CPU).
+  from chunk-entry states. On CPU they run in the Pallas interpreter (slow; for tests).
+* ``"auto"`` (default): ``"pallas"`` on GPU and TPU, ``"xla"`` elsewhere (CPU).
+
+The platform is the one the computation is lowered for (`jax.lax.platform_dependent`), not the
+host's default backend: exporting from a CPU host for ``platforms=["tpu"]`` builds the Mosaic
+kernel, and a multi-platform export holds each platform's implementation.
 
 Reference: A. Gu and T. Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
 arXiv 2312.00752 (2023).
@@ -31,7 +35,7 @@ from typing import Literal
 
 import jax
 
-from memjax.kernels._common import auto_impl
+from memjax.kernels._platform import platform_dependent
 from memjax.kernels.selective_scan import pallas, xla
 from memjax.kernels.selective_scan.reference import selective_scan_reference
 
@@ -51,26 +55,43 @@ def _xla_impl(*args, chunk_size: int, initial_state: Array | None, interpret: bo
     return xla.selective_scan_xla(*args, chunk_size=chunk_size, initial_state=initial_state)
 
 
-def _pallas_impl(*args, chunk_size: int, initial_state: Array | None, interpret: bool):
+def _pallas_impl(*args, chunk_size: int, initial_state: Array | None, interpret: bool,
+                 backend: str | None = None):
     return pallas.selective_scan_pallas(
-        *args, chunk_size=chunk_size, initial_state=initial_state, interpret=interpret
+        *args, chunk_size=chunk_size, initial_state=initial_state, interpret=interpret,
+        backend=backend,
     )
 
 
+def _auto_impl(*args, chunk_size: int, initial_state: Array | None, interpret: bool):
+    """The Pallas kernels where Pallas compiles (CUDA / ROCm: Triton, TPU: Mosaic), else "xla",
+    chosen per lowering platform (see `memjax.kernels._platform.platform_dependent`)."""
+    arrays, flags = args[:8], args[8:]
+
+    def branch(impl, **options):
+        def run(arrays, initial_state):
+            return impl(*arrays, *flags, chunk_size=chunk_size, initial_state=initial_state,
+                        interpret=interpret, **options)
+        return run
+
+    return platform_dependent(arrays, initial_state,
+                              gpu=branch(_pallas_impl, backend="triton"),
+                              tpu=branch(_pallas_impl, backend="tpu"), other=branch(_xla_impl))
+
+
 _IMPLEMENTATIONS: dict[str, Callable[..., Array | tuple[Array, Array]]] = {
+    "auto": _auto_impl,
     "xla": _xla_impl,
     "pallas": _pallas_impl,
     "reference": _reference_impl,
 }
-IMPLS = ("auto", *_IMPLEMENTATIONS)
+IMPLS = tuple(_IMPLEMENTATIONS)
 
 
-def resolve_impl(impl: str) -> str:
-    """Map `impl` to a concrete implementation name ("auto": "pallas" on GPU / TPU, else "xla")."""
+def check_impl(impl: str) -> str:
+    """Check `impl`; the name itself ("auto" is resolved per lowering platform, not here)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return auto_impl()
     return impl
 
 
@@ -142,8 +163,9 @@ def selective_scan(
         continue a sequence from a previous call's last state.
       chunk_size: maximum chunk length of the "xla" implementation, and the chunk length of the
         "pallas" kernels (a positive int; rounded up to a multiple of 8 on TPU).
-      impl: "auto", "xla", "pallas" or "reference".
-      interpret: run the "pallas" kernels in the Pallas interpreter (required on CPU).
+      impl: "auto", "xla", "pallas" or "reference" (see the module docstring); "auto" and
+        "pallas" pick the kernel per lowering platform.
+      interpret: run the Pallas kernels in the Pallas interpreter on every platform.
 
     Returns:
       y (batch, length, channels) in `u`'s dtype; with `return_last_state`, `(y, last_state)` where
@@ -158,7 +180,7 @@ def selective_scan(
       >>> selective_scan(u, 0.1 * u, A, B, C).shape
       (1, 5, 3)
     """
-    name = resolve_impl(impl)
+    name = check_impl(impl)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     validate_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)

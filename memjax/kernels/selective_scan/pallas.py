@@ -38,7 +38,9 @@ Two ways to walk the chunks (``backend``), with the same per-chunk code:
 B and C are passed to the kernels as (batch, L / T, N, T), so a step's (N, 1) column is a static
 lane slice; the state layout (N, block_d) keeps channels on the lanes. Lengths that are not a
 multiple of T are zero padded, and padded steps are forced to dt = 0 (the identity step), so the
-last state is exact. Both backends run on CPU with ``interpret=True``.
+last state is exact. Both backends run on CPU with ``interpret=True``. With ``backend=None`` the
+kernel style is chosen per lowering platform (Triton on CUDA / ROCm, Mosaic on TPU, the Pallas
+interpreter elsewhere), so a CPU host can export the GPU or TPU kernel.
 
 Reference: A. Gu and T. Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
 arXiv 2312.00752 (2023).
@@ -53,9 +55,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from memjax.kernels._common import default_backend, next_power_of_two, round_up
+from memjax.kernels._common import next_power_of_two, round_up
+from memjax.kernels._platform import for_backend, platform_dependent
 
-__all__ = ["BACKENDS", "default_backend", "selective_scan_pallas"]
+__all__ = ["BACKENDS", "selective_scan_pallas"]
 
 Backend = Literal["triton", "tpu"]
 BACKENDS = ("triton", "tpu")
@@ -417,7 +420,7 @@ def _forward(cfg: _Config, u, delta, At, Bt, Ct, D, z, bias, x0):
     if cfg.save_states:
         out_specs.append(specs.chunk_states(n_state))
         out_shape.append(jax.ShapeDtypeStruct((batch, cfg.num_chunks, n_state, channels), _F32))
-    outs = pl.pallas_call(
+    call = pl.pallas_call(
         functools.partial(_forward_kernel, cfg=cfg),
         grid=specs.grid(batch, channels),
         in_specs=[*_input_specs(cfg, specs, n_state), specs.per_batch(n_state)],
@@ -426,7 +429,9 @@ def _forward(cfg: _Config, u, delta, At, Bt, Ct, D, z, bias, x0):
         scratch_shapes=specs.scratch((n_state, cfg.block_d)),
         compiler_params=specs.compiler_params(),
         interpret=cfg.interpret,
-    )(*_present(u, delta, At, Bt, Ct, D, z, bias), x0)
+    )
+    outs = for_backend(call, cfg.backend, cfg.interpret)(
+        *_present(u, delta, At, Bt, Ct, D, z, bias), x0)
     return tuple(outs)
 
 
@@ -448,7 +453,7 @@ def _backward(cfg: _Config, u, delta, At, Bt, Ct, D, z, bias, states, dy, dx_las
         out_shape.append(jax.ShapeDtypeStruct(u.shape, z.dtype))
     scratch = specs.scratch((cfg.chunk, n_state, cfg.block_d), (n_state, cfg.block_d),
                             (n_state, cfg.block_d), (1, cfg.block_d))
-    outs = pl.pallas_call(
+    call = pl.pallas_call(
         functools.partial(_backward_kernel, cfg=cfg),
         grid=specs.grid(batch, channels),
         in_specs=[*_input_specs(cfg, specs, n_state), specs.chunk_states(n_state), specs.rows(),
@@ -458,7 +463,9 @@ def _backward(cfg: _Config, u, delta, At, Bt, Ct, D, z, bias, states, dy, dx_las
         scratch_shapes=scratch,
         compiler_params=specs.compiler_params(),
         interpret=cfg.interpret,
-    )(*_present(u, delta, At, Bt, Ct, D, z, bias), states, dy, dx_last)
+    )
+    outs = for_backend(call, cfg.backend, cfg.interpret)(
+        *_present(u, delta, At, Bt, Ct, D, z, bias), states, dy, dx_last)
     return outs
 
 
@@ -541,19 +548,35 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         TPU, where it is rounded up to a multiple of 8). The result does not depend on it.
       block_d: channels per program (Triton: a power of two, default 32; TPU: a multiple of 128
         dividing the channels, default 512 or all channels).
-      backend: "triton" (GPU) or "tpu" (Mosaic); None picks by JAX's default backend.
-      interpret: run in the Pallas interpreter (any backend, e.g. CPU tests): True, or a
-        `pltpu.InterpretParams()` for the TPU-faithful interpreter (backend "tpu").
+      backend: "triton" (GPU) or "tpu" (Mosaic); None picks per lowering platform
+        (`jax.lax.platform_dependent`): Triton on CUDA / ROCm, Mosaic on TPU, and elsewhere (CPU)
+        the Triton-style kernels in the Pallas interpreter.
+      interpret: run in the Pallas interpreter on every platform: True (Triton-style kernels
+        unless `backend` says otherwise), or a `pltpu.InterpretParams()` for the TPU-faithful
+        interpreter (backend "tpu").
       num_warps, num_stages: Triton compiler parameters.
 
     Returns:
       y (batch, L, channels) in `u`'s dtype [, last_state (batch, channels, N) float32].
     """
-    backend = backend or default_backend()
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    if backend is None and not interpret:
+        def kernel(style, interpret=False):
+            def run(u, delta, A, B, C, D, z, delta_bias, initial_state):
+                return selective_scan_pallas(
+                    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                    initial_state=initial_state, chunk_size=chunk_size, block_d=block_d,
+                    backend=style, interpret=interpret, num_warps=num_warps,
+                    num_stages=num_stages)
+            return run
+
+        return platform_dependent(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                  gpu=kernel("triton"), tpu=kernel("tpu"),
+                                  other=kernel("triton", interpret=True))
+    backend = backend or "triton"
     batch, length, channels = u.shape
     n_state = A.shape[1]
     chunk, num_chunks, block, channels_p, n_state_p = _layout(

@@ -1,20 +1,24 @@
 """Causal multi-head softmax attention with rotary embeddings and a KV cache (the LLaMA mixer).
 
-Training form, for x of shape (B, L, d_model) and H heads of size D = d_model / H::
+Training form, for x of shape (B, L, d_model), H query heads of size D = d_model / H and K key /
+value heads (K divides H; K = H is multi-head attention, K < H grouped-query attention, where
+query head h reads key / value head ``h // (H / K)``)::
 
-    q, k, v = rope(x W_q), rope(x W_k), x W_v          # (B, L, H, D)
+    q = rope(x W_q + b_q)                              # (B, L, H, D)
+    k, v = rope(x W_k + b_k), x W_v + b_v              # (B, L, K, D); biases optional (Qwen2)
     o = softmax(q k^T / sqrt(D) + causal mask) v       # jax.nn.dot_product_attention
     y = o W_o                                          # (B, L, d_model)
 
 Decode form: the cache holds the rotated keys and the values of every position seen so far,
-``k, v: (B, max_length, H, D)``; a step writes position ``p`` and attends to positions ``0..p``.
+``k, v: (B, max_length, K, D)``; a step writes position ``p`` and attends to positions ``0..p``.
 
 Kernels are 2-D (``d_model x d_model``, as in LLaMA) so low-rank gradient methods see the same
 matrices as the GaLore paper; the fused output axis is named ``"heads"`` (sharding it over n devices
 with n | H keeps whole heads together), the input axis ``"embed"``.
 
 References: Vaswani et al. 2017 (attention); Su et al. 2021, arXiv 2104.09864 (RoPE);
-Touvron et al. 2023, arXiv 2302.13971 (LLaMA).
+Touvron et al. 2023, arXiv 2302.13971 (LLaMA); Ainslie et al. 2023, arXiv 2305.13245 (GQA);
+Qwen Team 2024, arXiv 2407.10671 (Qwen2: q/k/v biases).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ __all__ = ["CausalSelfAttention", "KVCache"]
 
 
 class KVCache(NamedTuple):
-    """Rotated keys and values of the positions decoded so far; each (B, max_length, H, D)."""
+    """Rotated keys and values of the positions decoded so far; each (B, max_length, K, D)."""
 
     k: jax.Array
     v: jax.Array
@@ -42,8 +46,11 @@ class CausalSelfAttention(nnx.Module):
 
     Args:
       d_model: model width, divisible by ``num_heads``; the head size must be even (RoPE).
-      num_heads: number of heads H.
-      rope_base: RoPE wavelength base.
+      num_heads: number of query heads H.
+      num_kv_heads: number of key / value heads K, dividing H (grouped-query attention);
+        ``None``: H.
+      qkv_bias: biases on the q, k and v projections (Qwen2), zero-initialised.
+      rope_base: RoPE wavelength base (Hugging Face's ``rope_theta``).
       dtype / param_dtype: computation and parameter dtypes.
       rngs: ``nnx.Rngs`` for the kernels (N(0, 0.02)).
     """
@@ -53,6 +60,8 @@ class CausalSelfAttention(nnx.Module):
         d_model: int,
         num_heads: int,
         *,
+        num_kv_heads: int | None = None,
+        qkv_bias: bool = False,
         rope_base: float = 10_000.0,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -62,19 +71,27 @@ class CausalSelfAttention(nnx.Module):
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
         if (d_model // num_heads) % 2:
             raise ValueError(f"head size d_model/num_heads={d_model // num_heads} must be even (RoPE)")
+        kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if (isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1
+                or num_heads % kv_heads):
+            raise ValueError(f"num_kv_heads={num_kv_heads!r} must be a positive int dividing "
+                             f"num_heads={num_heads}")
         self.num_heads = num_heads
+        self.num_kv_heads = kv_heads
         self.head_dim = d_model // num_heads
         self.rope_base = rope_base
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = linear(d_model, d_model, ("embed", "heads"), **kw)
-        self.k_proj = linear(d_model, d_model, ("embed", "heads"), **kw)
-        self.v_proj = linear(d_model, d_model, ("embed", "heads"), **kw)
+        kv_width = kv_heads * self.head_dim
+        self.q_proj = linear(d_model, d_model, ("embed", "heads"), use_bias=qkv_bias, **kw)
+        self.k_proj = linear(d_model, kv_width, ("embed", "heads"), use_bias=qkv_bias, **kw)
+        self.v_proj = linear(d_model, kv_width, ("embed", "heads"), use_bias=qkv_bias, **kw)
         self.o_proj = linear(d_model, d_model, ("heads", "embed"), **kw)
 
     def _heads(self, t: jax.Array) -> jax.Array:
-        return t.reshape(t.shape[:-1] + (self.num_heads, self.head_dim))
+        return t.reshape(t.shape[:-1] + (-1, self.head_dim))
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
+        """q (..., H, D), k and v (..., K, D); q and k rotated."""
         q = rope(self._heads(self.q_proj(x)), positions, base=self.rope_base)
         k = rope(self._heads(self.k_proj(x)), positions, base=self.rope_base)
         return q, k, self._heads(self.v_proj(x))
@@ -87,8 +104,8 @@ class CausalSelfAttention(nnx.Module):
         return self.o_proj(o.reshape(batch, length, d_model))
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
-        """An empty cache: k, v zeros of shape (batch_size, max_length, H, D)."""
-        shape = (batch_size, max_length, self.num_heads, self.head_dim)
+        """An empty cache: k, v zeros of shape (batch_size, max_length, K, D)."""
+        shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     def step(self, x: jax.Array, cache: KVCache, position: jax.Array | int):
@@ -104,7 +121,7 @@ class CausalSelfAttention(nnx.Module):
         """
         batch, d_model = x.shape
         position = jnp.asarray(position, jnp.int32)
-        q, k, v = self._qkv(x[:, None, :], jnp.full((1,), position))  # (B, 1, H, D)
+        q, k, v = self._qkv(x[:, None, :], jnp.full((1,), position))  # (B, 1, H|K, D)
         start = (0, position, 0, 0)
         cache = KVCache(
             k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),

@@ -78,15 +78,18 @@ def linear(
     dtype: Any,
     param_dtype: Any,
     rngs: nnx.Rngs,
+    use_bias: bool = False,
 ) -> nnx.Linear:
-    """A bias-free ``nnx.Linear`` with a N(0, 0.02) kernel named ``names`` (in, out)."""
+    """An ``nnx.Linear`` with a N(0, 0.02) kernel named ``names`` (in, out); bias-free unless
+    ``use_bias`` (a zero-initialised bias named ``names[1]``)."""
     return nnx.Linear(
         in_features,
         out_features,
-        use_bias=False,
+        use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=partitioned(_normal(), names),
+        bias_init=partitioned(nnx.initializers.zeros_init(), names[1:]),
         rngs=rngs,
     )
 

@@ -169,6 +169,10 @@ class LMConfig:
                     f"q/k/v/o and MLP kernels), not mixer={self.mixer!r}")
             sizes = {"d_model * d_model": self.d_model**2, "d_model * ffn_dim":
                      self.d_model * self.ffn_dim}
+            kv_heads = self.mixer_kwargs.get("num_kv_heads")
+            if kv_heads:  # grouped-query attention: k / v are d_model x (K * head_dim)
+                sizes["d_model * num_kv_heads * head_dim"] = (
+                    self.d_model * kv_heads * self.head_dim)
             bad = [name for name, size in sizes.items() if size % fmt.group_size]
             if bad:
                 raise ValueError(

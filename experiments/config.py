@@ -62,6 +62,11 @@ class ModelConfig:
     """Activation dtype."""
     param_dtype: str = "float32"
     """Parameter dtype."""
+    init_from: str = ""
+    """Start from a local Hugging Face LlamaForCausalLM / Qwen2ForCausalLM checkpoint folder
+    (config.json + *.safetensors): the shape fields above come from it (leave them unset, or set
+    them to the checkpoint's values); the attention options (grouped-query heads, rope_theta,
+    biases, RMSNorm epsilon) too. Empty: train from scratch."""
 
 
 # Authors' defaults of the fields that differ between recipes (``None`` in OptimizerConfig).
@@ -242,6 +247,9 @@ class DataConfig:
     """selective_copy: data tokens to copy."""
     num_kv_pairs: int = 8
     """mqar: key-value pairs per sequence."""
+    tokenizer: str = ""
+    """Tokenise the text sources (stdlib, text, hf) with a Hugging Face tokenizer.json: its path,
+    or "checkpoint" for the one in model.init_from. Empty: bytes (token id = byte)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +304,10 @@ class CheckpointConfig:
     """Resume from the latest checkpoint of the run directory if there is one."""
     stop_after: int = 0
     """Stop (after saving) once this step is reached, as if preempted; 0: never."""
+    export_hf: bool = False
+    """At the end of a run, write the trained model as a Hugging Face checkpoint folder
+    (<run>/hf: config.json, model.safetensors and the tokenizer.json used, if any) that
+    transformers loads (attention models with float weights)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,6 +461,34 @@ def _weight_format_error(m: ModelConfig, o: OptimizerConfig) -> str | None:
     return None
 
 
+_CHECKPOINT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim", "mixer",
+                      "tie_embeddings")
+
+
+def resolve_model(config: Config) -> Config:
+    """``config`` with, when ``model.init_from`` names a checkpoint, the model's shape fields
+    taken from its ``config.json``; a field already set to another value raises
+    :class:`ConfigError` naming it (so a re-run from a run's saved config.json keeps working)."""
+    m = config.model
+    if not m.init_from:
+        return config
+    from experiments import hf_checkpoint
+
+    try:
+        lm = hf_checkpoint.config_from_hf(hf_checkpoint.read_config(m.init_from),
+                                          dtype=m.param_dtype)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"model.init_from={m.init_from!r}: {err}") from None
+    theirs = {f: getattr(lm, f) for f in _CHECKPOINT_FIELDS}
+    defaults = ModelConfig()
+    for field, value in theirs.items():
+        ours = getattr(m, field)
+        if ours != getattr(defaults, field) and ours != value:
+            raise ConfigError(f"model.{field}={ours!r} disagrees with the checkpoint "
+                              f"{m.init_from} ({field}={value!r}); leave it unset")
+    return dataclasses.replace(config, model=dataclasses.replace(m, **theirs))
+
+
 def validate(config: Config) -> None:
     """Raises :class:`ConfigError` for settings that cannot run (devices are checked elsewhere)."""
     s, d = config.schedule, config.data
@@ -472,6 +512,12 @@ def validate(config: Config) -> None:
         (config.log.log_every >= 1, f"log.log_every={config.log.log_every} must be >= 1"),
         (d.source not in ("text", "tokens") or d.paths, f"data.source={d.source!r} needs data.paths"),
         (d.source != "hf" or d.hf_path, "data.source='hf' needs data.hf_path"),
+        (not d.tokenizer or d.source in ("stdlib", "text", "hf"),
+         f"data.tokenizer tokenises text; data.source={d.source!r} is not text"),
+        (d.tokenizer != "checkpoint" or config.model.init_from,
+         "data.tokenizer='checkpoint' needs model.init_from"),
+        (not config.checkpoint.export_hf or config.model.mixer == "attention",
+         f"checkpoint.export_hf needs the attention mixer, not {config.model.mixer!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -510,6 +556,9 @@ def validate(config: Config) -> None:
         if o.weight_bits == 8 and o.name == "mezo":
             raise ConfigError(f"optimizer {o.display_name}: weight_bits=8 applies to gradient "
                               "recipes (mezo perturbs float weights)")
+        if o.weight_bits == 8 and (config.model.init_from or config.checkpoint.export_hf):
+            raise ConfigError(f"optimizer {o.display_name}: weight_bits=8 with model.init_from "
+                              "or checkpoint.export_hf is not supported (float checkpoints)")
         if o.weight_bits not in (32, 8):
             raise ConfigError(f"optimizer {o.display_name}: weight_bits={o.weight_bits!r} must be "
                               f"32 (float) or 8 (INT8)")

@@ -311,7 +311,22 @@ def synthetic_source(cfg: DataConfig, vocab: int, num_val_batches: int, seed: in
 # ----------------------------------------------------------------------------- entry point
 
 
-def make_source(cfg: DataConfig, *, vocab_size: int, num_val_batches: int, seed: int) -> DataSource:
+def tokenize(corpus: Corpus, tokenizer_json: str) -> Corpus:
+    """The UTF-8 text of a byte corpus encoded by a Hugging Face ``tokenizer.json`` (no special
+    tokens added), int32 token ids; train and validation encoded separately."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+
+    def encode(data: np.ndarray) -> np.ndarray:
+        text = np.asarray(data, np.uint8).tobytes().decode("utf-8", errors="replace")
+        return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    return Corpus(encode(corpus.train), encode(corpus.val))
+
+
+def make_source(cfg: DataConfig, *, vocab_size: int, num_val_batches: int, seed: int,
+                tokenizer: str | None = None) -> DataSource:
     """The :class:`DataSource` named by ``cfg.source``.
 
     Args:
@@ -319,22 +334,25 @@ def make_source(cfg: DataConfig, *, vocab_size: int, num_val_batches: int, seed:
       vocab_size: the model's vocabulary (synthetic tasks use all of it).
       num_val_batches: validation batches to prepare.
       seed: the run's seed (fixes the synthetic validation set).
+      tokenizer: a ``tokenizer.json`` that tokenises the text sources (None: bytes).
 
     Raises:
       ConfigError: missing files, or data that does not fit the settings.
     """
     if cfg.source in ("selective_copy", "mqar"):
         return synthetic_source(cfg, vocab_size, num_val_batches, seed)
+    encode = (lambda corpus: corpus) if tokenizer is None else (
+        lambda corpus: tokenize(corpus, tokenizer))
     if cfg.source == "hf":
-        return corpus_source("hf", split_tail(read_hf_dataset(cfg), cfg.val_fraction), cfg,
+        return corpus_source("hf", encode(split_tail(read_hf_dataset(cfg), cfg.val_fraction)), cfg,
                              num_val_batches)
     missing = [p for p in cfg.paths if not pathlib.Path(p).is_file()]
     if missing:
         raise ConfigError(f"data.paths: no such file {missing[0]!r}")
     if cfg.source == "stdlib":
-        corpus = split_documents(stdlib_documents(cfg.max_corpus_bytes), cfg.val_fraction)
+        corpus = encode(split_documents(stdlib_documents(cfg.max_corpus_bytes), cfg.val_fraction))
     elif cfg.source == "text":
-        corpus = split_tail(read_text_files(cfg.paths), cfg.val_fraction)
+        corpus = encode(split_tail(read_text_files(cfg.paths), cfg.val_fraction))
     else:
         corpus = split_tail(read_token_files(cfg.paths, cfg.token_dtype), cfg.val_fraction)
     return corpus_source(cfg.source, corpus, cfg, num_val_batches)

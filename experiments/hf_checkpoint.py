@@ -49,7 +49,10 @@ __all__ = [
     "TensorSpec",
     "config_from_hf",
     "hf_config",
+    "load_params",
     "load_pretrained",
+    "read_config",
+    "save_params",
     "save_pretrained",
     "tensor_map",
 ]
@@ -270,7 +273,7 @@ def _read(reader: _Reader, spec: TensorSpec, target: jax.ShapeDtypeStruct,
             raise ValueError(f"tensor {spec.name.format(i=i)!r} has shape {stored}; "
                              f"config.json implies {implied}.")
         dest[...] = tensor.astype(dtype, copy=False)
-    return jnp.asarray(out)
+    return out
 
 
 def _nested_get(tree: Mapping, path: tuple[str, ...]) -> Any:
@@ -283,6 +286,33 @@ def _nested_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree[key]
     tree[path[-1]] = value
+
+
+def read_config(path: str | pathlib.Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint folder."""
+    file = pathlib.Path(path) / "config.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist (path={str(path)!r} must be a Hugging "
+                                f"Face checkpoint folder).")
+    return json.loads(file.read_text())
+
+
+def load_params(path: str | pathlib.Path, config: LMConfig) -> dict:
+    """The parameters of ``LM(config)`` (a pure dict, ``nnx.to_pure_dict`` of its ``nnx.Param``
+    state; host arrays) read from the checkpoint folder ``path``, in ``config.param_dtype``.
+    ``config`` must have the checkpoint's shape (:func:`config_from_hf`); its runtime fields
+    (``max_length``, ``remat``, ``dtype``) are free."""
+    abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
+    targets = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    values = jax.tree.map(lambda x: None, targets)
+    reader = _Reader(pathlib.Path(path))
+    try:
+        for spec in tensor_map(config):
+            target = _nested_get(targets, spec.path)
+            _nested_set(values, spec.path, _read(reader, spec, target, config.num_layers))
+    finally:
+        reader.close()
+    return values
 
 
 def load_pretrained(path: str | pathlib.Path, dtype: Any = None) -> LM:
@@ -306,29 +336,15 @@ def load_pretrained(path: str | pathlib.Path, dtype: Any = None) -> LM:
       >>> model(jnp.zeros((1, 8), jnp.int32)).shape  # doctest: +SKIP
       (1, 8, 64)
     """
-    folder = pathlib.Path(path)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder / 'config.json'} does not exist (path={str(path)!r} "
-                                f"must be a Hugging Face checkpoint folder).")
-    config = config_from_hf(json.loads((folder / "config.json").read_text()), dtype=dtype)
-    abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    targets = nnx.to_pure_dict(params)
-    values = jax.tree.map(lambda x: None, targets)
-    reader = _Reader(folder)
-    try:
-        for spec in tensor_map(config):
-            target = _nested_get(targets, spec.path)
-            _nested_set(values, spec.path, _read(reader, spec, target, config.num_layers))
-    finally:
-        reader.close()
-    nnx.replace_by_pure_dict(params, values)
+    config = config_from_hf(read_config(path), dtype=dtype)
+    values = load_params(path, config)
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0))),
+                                       nnx.Param, ...)
+    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, values))
     return nnx.merge(graphdef, params, rest)
 
 
-def _tensors(model: LM) -> Iterator[tuple[str, np.ndarray]]:
-    config = model.config
-    values = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def _tensors(config: LMConfig, values: Mapping) -> Iterator[tuple[str, np.ndarray]]:
     for spec in tensor_map(config):
         value = np.asarray(_nested_get(values, spec.path))
         for i in range(config.num_layers if spec.stacked else 1):
@@ -350,9 +366,14 @@ def save_pretrained(model: LM, path: str | pathlib.Path) -> None:
       ValueError: a model with no Hugging Face counterpart (another mixer, INT8 weights, mixer
         options that transformers does not have).
     """
-    config = model.config
+    save_params(model.config, nnx.to_pure_dict(nnx.state(model, nnx.Param)), path)
+
+
+def save_params(config: LMConfig, params: Mapping, path: str | pathlib.Path) -> None:
+    """:func:`save_pretrained` of ``LM(config)`` with the parameters ``params`` (a pure dict, as
+    the trainer holds them)."""
     hf = hf_config(config)
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(dict(_tensors(model)), folder / _SINGLE_FILE, metadata={"format": "pt"})
+    save_file(dict(_tensors(config, params)), folder / _SINGLE_FILE, metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

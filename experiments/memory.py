@@ -109,7 +109,8 @@ def plan(config: Config, *, on_row=None) -> list[dict]:
 def at_preset(config: Config, preset: str, *, seq_len: int = 256, batch_size: int = 1,
               layerwise_rows: bool = True) -> Config:
     """``config`` with the model of ``memjax.models.lm.PRESETS[preset]``, float32, no remat, one
-    ``batch_size x seq_len`` batch without accumulation, and every projected recipe at the
+    ``batch_size x seq_len`` batch without accumulation (a preset's own shape: no
+    ``model.init_from``), and every projected recipe at the
     authors' rank for that size (:data:`AUTHORS_RANK`; rows of other recipes unchanged). With
     ``layerwise_rows``, each gradient row that is not layerwise is followed by its layerwise twin
     (label ``<label>-layerwise``)."""
@@ -121,7 +122,7 @@ def at_preset(config: Config, preset: str, *, seq_len: int = 256, batch_size: in
     model = dataclasses.replace(
         config.model, vocab_size=p.vocab_size, d_model=p.d_model, num_layers=p.num_layers,
         num_heads=p.num_heads, ffn_dim=p.ffn_dim, remat="none", dtype="float32",
-        param_dtype="float32", tie_embeddings=p.tie_embeddings)
+        param_dtype="float32", tie_embeddings=p.tie_embeddings, init_from="")
     rank = AUTHORS_RANK.get(preset)
     optimizers = []
     for o in config.optimizers:
@@ -133,7 +134,8 @@ def at_preset(config: Config, preset: str, *, seq_len: int = 256, batch_size: in
     optimizers = tuple(optimizers)
     return dataclasses.replace(
         config, model=model, optimizers=optimizers,
-        data=dataclasses.replace(config.data, seq_len=seq_len, batch_size=batch_size),
+        data=dataclasses.replace(config.data, seq_len=seq_len, batch_size=batch_size,
+                                 tokenizer=""),
         schedule=dataclasses.replace(config.schedule, grad_accum=1))
 
 

@@ -12,12 +12,16 @@ Run directory (``<output_dir>/<experiment>/<optimizer label>/``)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
+import shutil
 import time
+from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import memjax
@@ -42,6 +46,16 @@ def lm_config(config: Config, optimizer: OptimizerConfig | None = None) -> LMCon
     if optimizer is not None and optimizer.weight_bits == 8:
         weights = dict(weight_bits=8, weight_group_size=optimizer.weight_group_size,
                        weight_rounding=optimizer.weight_rounding)
+    if m.init_from:  # the checkpoint's shape and attention options, this run's runtime fields
+        from experiments import hf_checkpoint
+
+        try:
+            base = hf_checkpoint.config_from_hf(hf_checkpoint.read_config(m.init_from),
+                                                dtype=m.param_dtype)
+            return dataclasses.replace(base, max_length=config.data.seq_len, remat=m.remat,
+                                       dtype=m.dtype, param_dtype=m.param_dtype, **weights)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"model.init_from={m.init_from!r}: {err}") from None
     try:
         return LMConfig(
             vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
@@ -83,10 +97,17 @@ def build_trainer(config: Config, optimizer: OptimizerConfig,
     allocated (the memory planner compiles exactly this)."""
     s, d = config.schedule, config.data
     tx, lr = optimizers.build(optimizer, s, fsdp=mesh.shape.get("fsdp", 1))
-    return trainer.build(lm_config(config, optimizer), tx, lr, mesh=mesh, rules=config.mesh.rules,
+    lm = lm_config(config, optimizer)
+    initial = None
+    if config.model.init_from:
+        from experiments import hf_checkpoint
+
+        initial = functools.partial(hf_checkpoint.load_params, config.model.init_from, lm)
+    return trainer.build(lm, tx, lr, mesh=mesh, rules=config.mesh.rules,
                          seed=config.seed, micro_batch=d.batch_size // s.grad_accum,
                          grad_accum=s.grad_accum, seq_len=d.seq_len,
-                         kind=optimizers.step_kind(optimizer), clip_norm=s.clip_norm)
+                         kind=optimizers.step_kind(optimizer), clip_norm=s.clip_norm,
+                         initial_params=initial)
 
 
 def memory_report(tr: trainer.Trainer) -> dict:
@@ -175,6 +196,35 @@ def _train_records(host: list[dict], last_step: int, step_time: float, tokens_pe
     first = last_step - len(host) + 1
     return [{"step": first + i, "split": "train", **h, "step_time": step_time,
              "tokens_per_s": tokens_per_step / step_time, "warm": warm} for i, h in enumerate(host)]
+
+
+def tokenizer_path(config: Config) -> str | None:
+    """The tokenizer.json that tokenises the data (``data.tokenizer``), or None for bytes."""
+    name = config.data.tokenizer
+    if not name:
+        return None
+    path = pathlib.Path(config.model.init_from) / "tokenizer.json" if name == "checkpoint" \
+        else pathlib.Path(name)
+    if not path.is_file():
+        raise ConfigError(f"data.tokenizer={name!r}: no such file {str(path)!r}")
+    return str(path)
+
+
+def export_hf(config: Config, optimizer: OptimizerConfig, params: Any, folder: pathlib.Path,
+              primary: bool) -> None:
+    """Writes the trained ``params`` as a Hugging Face checkpoint folder (with the tokenizer
+    used, if any); every process gathers, process 0 writes."""
+    from experiments import hf_checkpoint
+
+    host = jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable else np.asarray(
+        multihost_utils.process_allgather(x, tiled=True)), params)
+    if not primary:
+        return
+    hf_checkpoint.save_params(lm_config(config, optimizer), host, folder)
+    tokenizer = tokenizer_path(config)
+    if tokenizer is not None:
+        shutil.copy(tokenizer, folder / "tokenizer.json")
+    print(f"[{optimizer.display_name}] exported a Hugging Face checkpoint to {folder}", flush=True)
 
 
 def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
@@ -266,6 +316,8 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
                   f"params sha256 {digest}")
         if primary:
             provenance.write_json(directory / "final.json", {"step": stop, "params_sha256": digest})
+        if config.checkpoint.export_hf and stop == steps:
+            export_hf(config, optimizer, state.params, directory / "hf", primary)
     finally:
         if board is not None:
             board.close()

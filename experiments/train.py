@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import tyro
 
 from experiments import configs
-from experiments.config import Config, ConfigError, validate
+from experiments.config import Config, ConfigError, resolve_model, validate
 
 PROG = "python -m experiments.train"
 _BOX = "│╭╮╰╯─┃━┏┓┗┛"
@@ -77,6 +77,7 @@ def run_experiment(config: Config) -> list[dict]:
 
     from experiments import data, report, run, sharding
 
+    config = resolve_model(config)
     validate(config)
     dist = config.distributed
     if dist.coordinator_address:
@@ -86,7 +87,8 @@ def run_experiment(config: Config) -> list[dict]:
     sharding.check_batch(mesh, config.data.batch_size, config.schedule.grad_accum)
     run.lm_config(config)
     source = data.make_source(config.data, vocab_size=config.model.vocab_size,
-                              num_val_batches=config.eval.batches, seed=config.seed)
+                              num_val_batches=config.eval.batches, seed=config.seed,
+                              tokenizer=run.tokenizer_path(config))
     if source.vocab_size > config.model.vocab_size:
         raise ConfigError(f"data has token ids up to {source.vocab_size - 1} but model.vocab_size="
                           f"{config.model.vocab_size}")

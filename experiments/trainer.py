@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -189,13 +190,16 @@ def _make_step(kind, tx, lm_config, loss_fn, zo_loss, param_sh, clip_norm):
 
 def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
           mesh: jax.sharding.Mesh, rules: tuple, seed: int, micro_batch: int, grad_accum: int,
-          seq_len: int, kind: str = "gradient", clip_norm: float = 0.0) -> Trainer:
+          seq_len: int, kind: str = "gradient", clip_norm: float = 0.0,
+          initial_params: Callable[[], Any] | None = None) -> Trainer:
     """Shardings and compiled init / step / eval of one run (nothing is allocated but the init).
 
     ``kind`` (one of :data:`STEP_KINDS`) names the step; ``tx`` is what that kind takes (an optax
     transform for gradient and layerwise steps, a zeroth-order transformation, or a
     :class:`experiments.optimizers.SharedSeedMezo`). ``clip_norm``: the layerwise step's exact
     global-norm clipping (0: none); a gradient step's clipping is inside ``tx``.
+    ``initial_params``: a function returning the starting parameters (a pure dict of host
+    arrays, e.g. a pretrained checkpoint's), called by ``init``; ``None``: initialise from ``seed``.
     """
     graphdef, abstract_params, logical = abstract_model(lm_config, seed)
     rep = sharding.replicated(mesh)
@@ -221,8 +225,8 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
     opt_sh = memjax.optim.state_shardings(abstract_opt, float_params, float_sh)
     state_sh = TrainState(rep, param_sh, opt_sh, rep)
 
-    def init() -> TrainState:
-        params = init_model_params(lm_config, seed)
+    def init(params=None) -> TrainState:
+        params = init_model_params(lm_config, seed) if params is None else params
         rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
         opt_state = tx.init(qw.dequantize_weights(params))
         return TrainState(jnp.zeros([], jnp.int32), params, opt_state, rng)
@@ -248,8 +252,13 @@ def build(lm_config: LMConfig, tx: Any, schedule: optax.Schedule, *,
     abstract_batch = Batch(spec(grad_accum, micro_batch, seq_len, dtype=jnp.int32),
                            spec(grad_accum, micro_batch, seq_len - 1, dtype=jnp.float32))
     batch_sh = Batch(sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 3))
-    init_jit = jax.jit(init, out_shardings=state_sh)
-    abstract_state = jax.eval_shape(init_jit)
+    if initial_params is None:
+        init_jit = jax.jit(init, out_shardings=state_sh)
+        abstract_state = jax.eval_shape(init_jit)
+    else:
+        loaded_init = jax.jit(init, in_shardings=(param_sh,), out_shardings=state_sh)
+        abstract_state = jax.eval_shape(loaded_init, abstract_params)
+        init_jit = lambda: loaded_init(initial_params())  # noqa: E731
     step = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, rep, rep),
                    donate_argnums=0).lower(abstract_state, abstract_batch).compile()

@@ -5,11 +5,19 @@ Strict rank promotion catches silent broadcasting bugs (as equinox's suite does)
 """
 
 import os
+import tempfile
 
 _flag = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per test session, shared by the xdist workers and by the
+# subprocesses some tests start: identical programs (a run and its resumed twin, the same step
+# rebuilt by another test) compile once. Per session, so timings stay those of a clean machine.
+_session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"memjax-test-jax-cache-{_session}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import jax  # noqa: E402
 

@@ -465,6 +465,18 @@ _CHECKPOINT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "ffn_d
                       "tie_embeddings")
 
 
+def checkpoint_lm_config(m: ModelConfig):
+    """The :class:`memjax.models.lm.LMConfig` of the checkpoint ``m.init_from`` in
+    ``m.param_dtype``; an unreadable or unsupported checkpoint is a :class:`ConfigError`."""
+    from experiments import hf_checkpoint
+
+    try:
+        return hf_checkpoint.config_from_hf(hf_checkpoint.read_config(m.init_from),
+                                            dtype=m.param_dtype)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"model.init_from={m.init_from!r}: {err}") from None
+
+
 def resolve_model(config: Config) -> Config:
     """``config`` with, when ``model.init_from`` names a checkpoint, the model's shape fields
     taken from its ``config.json``; a field already set to another value raises
@@ -472,13 +484,7 @@ def resolve_model(config: Config) -> Config:
     m = config.model
     if not m.init_from:
         return config
-    from experiments import hf_checkpoint
-
-    try:
-        lm = hf_checkpoint.config_from_hf(hf_checkpoint.read_config(m.init_from),
-                                          dtype=m.param_dtype)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"model.init_from={m.init_from!r}: {err}") from None
+    lm = checkpoint_lm_config(m)
     theirs = {f: getattr(lm, f) for f in _CHECKPOINT_FIELDS}
     defaults = ModelConfig()
     for field, value in theirs.items():

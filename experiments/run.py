@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 import memjax
 from experiments import checkpointing, metrics, optimizers, provenance, trainer
-from experiments.config import (Config, ConfigError, OptimizerConfig, fingerprint_differences,
+from experiments.config import (Config, ConfigError, OptimizerConfig, checkpoint_lm_config,
+                                fingerprint_differences,
                                 resume_fingerprint, to_json_dict)
 from experiments.data import BatchIterator, DataSource, IteratorState
 from memjax.models.lm import LMConfig
@@ -47,15 +48,8 @@ def lm_config(config: Config, optimizer: OptimizerConfig | None = None) -> LMCon
         weights = dict(weight_bits=8, weight_group_size=optimizer.weight_group_size,
                        weight_rounding=optimizer.weight_rounding)
     if m.init_from:  # the checkpoint's shape and attention options, this run's runtime fields
-        from experiments import hf_checkpoint
-
-        try:
-            base = hf_checkpoint.config_from_hf(hf_checkpoint.read_config(m.init_from),
-                                                dtype=m.param_dtype)
-            return dataclasses.replace(base, max_length=config.data.seq_len, remat=m.remat,
-                                       dtype=m.dtype, param_dtype=m.param_dtype, **weights)
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"model.init_from={m.init_from!r}: {err}") from None
+        return dataclasses.replace(checkpoint_lm_config(m), max_length=config.data.seq_len,
+                                   remat=m.remat, dtype=m.dtype, **weights)
     try:
         return LMConfig(
             vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers,

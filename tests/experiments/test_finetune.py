@@ -6,7 +6,6 @@ import json
 import pathlib
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,10 +68,7 @@ def test_fine_tune_a_checkpoint_with_its_tokenizer_then_export(checkpoint, tmp_p
                                            jnp.asarray(batch.mask)))
     np.testing.assert_allclose(loss(tuned), val_loss, rtol=1e-5)
     assert loss(tuned) < loss(start)  # it trained
-    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                         jax.tree.leaves(tuned.embed.embedding[...]),
-                         jax.tree.leaves(start.embed.embedding[...]))
-    assert all(moved)
+    assert not np.array_equal(tuned.embed.embedding[...], start.embed.embedding[...])
     # Re-running from the run's saved config.json finds the finished run (same fingerprints).
     again = parse(["--config", str(run / "config.json"), "--log.output-dir", str(tmp_path)])
     assert again.model == resolve_model(config).model and again.data.tokenizer == "checkpoint"

@@ -137,6 +137,9 @@ class OptimizerConfig:
     """Low-rank recipes: which side is projected."""
     refresh: RefreshMode = "synchronous"
     """Low-rank recipes: refresh every matrix at once or staggered across steps."""
+    reset_inner_on_refresh: bool = False
+    """galore: zero each projected matrix's Adam moments at its refresh (the 2025 pre-training
+    benchmark's "momentum reset"; the authors keep them)."""
     gamma: float = 1.01
     """fira, apollo(_mini): norm-growth limiter threshold (an update's norm grows at most by this
     factor per step)."""
@@ -574,6 +577,9 @@ def validate(config: Config) -> None:
         if o.adam_bits == 8 and o.name not in ADAM_8BIT_RECIPES:
             raise ConfigError(f"optimizer {o.display_name}: adam_bits=8 applies to "
                               f"{', '.join(ADAM_8BIT_RECIPES)} (q_galore is always 8-bit)")
+        if o.reset_inner_on_refresh and o.name != "galore":
+            raise ConfigError(f"optimizer {o.display_name}: reset_inner_on_refresh applies to "
+                              "galore (frugal: reset_state_on_refresh)")
         if o.name == "frugal" and not 0 < o.density <= 1:
             raise ConfigError(f"optimizer {o.display_name}: density={o.density} must be in (0, 1]")
         if o.name in LOW_RANK_RECIPES and o.rank >= min(config.model.d_model, config.model.ffn_dim):

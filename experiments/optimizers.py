@@ -66,7 +66,9 @@ def _low_rank(cfg: OptimizerConfig, rank: int) -> dict:
 
 
 def galore(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
-    return memjax.optim.galore(lr, projector=cfg.resolved("projector"), **_low_rank(cfg, cfg.rank))
+    return memjax.optim.galore(lr, projector=cfg.resolved("projector"),
+                               reset_inner_on_refresh=cfg.reset_inner_on_refresh,
+                               **_low_rank(cfg, cfg.rank))
 
 
 def fira(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:

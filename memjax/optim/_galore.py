@@ -30,6 +30,7 @@ def galore(
     weight_decay_mask: Any = None,
     seed: int = 0,
     skip_nonfinite: bool = True,
+    reset_inner_on_refresh: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GaLore: Adam in a low-rank subspace of each weight matrix's gradient.
 
@@ -62,6 +63,9 @@ def galore(
       weight_decay_mask: pytree or callable selecting the leaves that decay (default all).
       seed: seed of the random projector.
       skip_nonfinite: skip (zero update, unchanged state) steps with non-finite gradients.
+      reset_inner_on_refresh: zero each projected matrix's Adam moments when its projector
+        refreshes (the "momentum reset" ablation of the 2025 pre-training benchmark; the
+        authors keep the moments across refreshes).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -83,5 +87,5 @@ def galore(
         rank, update_proj_gap,
         inner=inner if inner is not None else scale_by_hf_adam(b1, b2, eps),
         scale=scale, proj_type=proj_type, projector=projector, labels=labels,
-        refresh=refresh, seed=seed)
+        refresh=refresh, seed=seed, reset_inner_on_refresh=reset_inner_on_refresh)
     return recipe.finish(core, learning_rate, weight_decay, weight_decay_mask, skip_nonfinite)

@@ -4,19 +4,20 @@ On the ``quality`` config (``experiments/configs/quality.py``: d_model 128, 4 la
 T = 200, warmup + cosine, the built-in corpus):
 
 1. **Sweep**: AdamW and GaLore (SVD) at three peak learning rates each (factor 2 apart, centred on
-   the main job's 3e-3 and the GaLore authors' 1e-2).
+   the main job's 3e-3 and the GaLore authors' 1e-2); a grid whose best rate is at an edge grows
+   past it (half or twice that rate) until the best is inside, up to five rates.
 2. **Methods** at the rate the sweep found plus their authors' relative setting: Fira, APOLLO,
    APOLLO-Mini and Q-GaLore take GaLore's rate (their authors train at GaLore's 1e-2), FRUGAL's
    state-full Adam takes AdamW's (its authors'), GaLore with the power projector and GaLore with
    the "momentum reset" (Adam moments zeroed at each refresh, arXiv 2505.22922) take GaLore's.
-   Two ablations of GaLore at its best rate: rank 64 (r / d = 0.5) and T = 50.
+   With ``--ablations``, GaLore at its best rate with rank 64 (r / d = 0.5) and with T = 50.
 3. **Seeds**: every method's best setting again with seed 1 (model init and data order).
 
 Then the table (best validation loss, mean and spread over the two seeds, gap to tuned AdamW,
 optimizer state, compiled step at this size and, from the memory planner, at LLaMA-1B, step
 time) and the loss curves.
 
-    python -m benchmarks.quality [--steps 1000] [--workers 2] [--out runs]
+    python -m benchmarks.quality [--steps 1000] [--workers 2] [--out runs] [--ablations]
 
 Every run is ``python -m experiments.train --config <run>.json`` in a subprocess (one XLA thread
 each, ``--workers`` at a time), so the study is resumable: run the same command again and
@@ -38,7 +39,7 @@ import subprocess
 import sys
 
 from experiments import configs, metrics, provenance
-from experiments.config import Config, OptimizerConfig, ScheduleConfig, to_json_dict
+from experiments.config import Config, OptimizerConfig, to_json_dict
 
 ADAMW_LRS = (1.5e-3, 3e-3, 6e-3)
 GALORE_LRS = (5e-3, 1e-2, 2e-2)
@@ -74,6 +75,29 @@ def sweep_runs(base: Config) -> list[Run]:
     return runs
 
 
+MAX_RATES = 5
+"""A sweep grows past an edge to at most this many rates."""
+
+
+def extend_at_edges(out: pathlib.Path, sweep: list[Run]) -> list[Run]:
+    """For each swept method whose best rate is the smallest (largest) of its grid, a run at
+    half (twice) that rate, up to :data:`MAX_RATES` rates: a best rate at the edge of a grid is
+    no tuned rate."""
+    new = []
+    for method in ("adamw", "galore-svd"):
+        runs = sorted((r for r in sweep if r.method == method),
+                      key=lambda r: r.optimizer.learning_rate)
+        best, _ = best_lr(out, runs)
+        rates = [r.optimizer.learning_rate for r in runs]
+        if len(rates) >= MAX_RATES or best not in (rates[0], rates[-1]):
+            continue
+        lr = rates[0] / 2 if best == rates[0] else rates[-1] * 2
+        new.append(Run(method, dataclasses.replace(
+            runs[0].optimizer, learning_rate=lr,
+            label=f"{method}-{_lr_tag(lr)}"), 0))
+    return new
+
+
 def method_optimizers(base: Config, adamw_lr: float, galore_lr: float) -> dict[str, OptimizerConfig]:
     """Phase 2: every method at the swept rate plus its authors' relative setting."""
     galore = dataclasses.replace(base.optimizers[1], learning_rate=galore_lr)
@@ -91,11 +115,16 @@ def method_optimizers(base: Config, adamw_lr: float, galore_lr: float) -> dict[s
                                         update_proj_gap=galore.update_proj_gap,
                                         label="frugal-block"),
         "q_galore": OptimizerConfig(name="q_galore", scale=0.25, label="q_galore", **low_rank),
-        "ablation: galore-svd rank 64": dataclasses.replace(galore, rank=64,
-                                                            label="galore-svd-r64"),
-        "ablation: galore-svd T 50": dataclasses.replace(galore, update_proj_gap=50,
-                                                         label="galore-svd-T50"),
     }
+
+
+def ablations(base: Config, galore_lr: float) -> dict[str, OptimizerConfig]:
+    """``--ablations``: GaLore at its swept rate with twice the rank and a 4x shorter period."""
+    galore = dataclasses.replace(base.optimizers[1], learning_rate=galore_lr)
+    return {"ablation: galore-svd rank 64": dataclasses.replace(galore, rank=64,
+                                                                label="galore-svd-r64"),
+            "ablation: galore-svd T 50": dataclasses.replace(galore, update_proj_gap=50,
+                                                             label="galore-svd-T50")}
 
 
 def run_dir(out: pathlib.Path, run: Run) -> pathlib.Path:
@@ -216,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="runs")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also GaLore at rank 64 and at T 50 (seed 0)")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     base = configs.load("quality")
@@ -225,8 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     sweep = sweep_runs(base)
     print(f"phase 1: {len(sweep)} sweep runs", flush=True)
     train(base, sweep, out, args.workers)
-    adamw_lr, adamw_losses = best_lr(out, sweep[:len(ADAMW_LRS)])
-    galore_lr, galore_losses = best_lr(out, sweep[len(ADAMW_LRS):])
+    while extended := extend_at_edges(out, sweep):  # a best rate at the grid's edge: go on
+        print(f"phase 1, extended: {[r.optimizer.display_name for r in extended]}", flush=True)
+        train(base, extended, out, args.workers)
+        sweep += extended
+    adamw_lr, adamw_losses = best_lr(out, [r for r in sweep if r.method == "adamw"])
+    galore_lr, galore_losses = best_lr(out, [r for r in sweep if r.method == "galore-svd"])
     print(f"AdamW {adamw_losses} -> {adamw_lr}; GaLore {galore_losses} -> {galore_lr}", flush=True)
 
     best = {"adamw": next(r.optimizer for r in sweep if r.method == "adamw"
@@ -234,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             "galore-svd": next(r.optimizer for r in sweep if r.method == "galore-svd"
                                and r.optimizer.learning_rate == galore_lr)}
     best.update(method_optimizers(base, adamw_lr, galore_lr))
+    if args.ablations:
+        best.update(ablations(base, galore_lr))
     rest = [Run(m, o, seed) for seed in SEEDS for m, o in best.items()
             if not (seed == 0 and m in ("adamw", "galore-svd"))
             and not (seed == 1 and m.startswith("ablation"))]

@@ -17,7 +17,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from experiments.config import CheckpointConfig
+from .config import CheckpointConfig
 
 ITEMS = ("state", "meta")
 
@@ -46,7 +46,8 @@ def latest_meta(directory: pathlib.Path) -> tuple[int, dict] | None:
     """``(step, meta)`` of the newest complete checkpoint, or ``None``; reads and writes nothing else."""
     if not directory.is_dir():
         return None
-    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    with _quiet_absl():  # the options themselves warn that read-only implies no saving
+        options = ocp.CheckpointManagerOptions(create=False, read_only=True)
     with _quiet_absl(), ocp.CheckpointManager(directory.absolute(), options=options,
                                               item_names=ITEMS) as mngr:
         step = mngr.latest_step()

@@ -6,8 +6,8 @@ checkpointing and logging. Named experiments live in ``experiments/configs/<name
 constant ``CONFIG``; ``python -m experiments.train --config <name> --model.d-model 128`` overrides any
 field.
 
-Adding a memjax recipe means: add its name to
-:data:`OptimizerName`, any new hyperparameter to :class:`OptimizerConfig`, and one builder to
+Each optimizer recipe has its own config class with its own fields and its authors' defaults
+(:mod:`experiments.recipes`); adding a recipe means one class there and one builder in
 ``experiments.optimizers.RECIPES``.
 """
 
@@ -18,19 +18,9 @@ import json
 import typing
 from typing import Any, Literal
 
-OptimizerName = Literal["adamw", "galore", "fira", "apollo", "apollo_mini", "frugal", "q_galore",
-                        "mezo"]
-ProjectorName = Literal["svd", "dct", "random", "power"]
-SubspaceName = Literal["svd", "random", "columns", "rows", "block"]
-BlockOrder = Literal["random", "ascending", "descending", "mirror"]
-StateFreeRule = Literal["sign", "sgd", "none"]
-ScaleType = Literal["channel", "tensor"]
-ProjBits = Literal[4, 8]
-AdamBits = Literal[32, 8]
-WeightBits = Literal[32, 8]
-WeightRounding = Literal["stochastic", "nearest"]
-ProjType = Literal["std", "reverse_std", "left", "right", "min_state"]
-RefreshMode = Literal["synchronous", "staggered"]
+from .recipes import (LOW_RANK_RECIPES, RECIPE_CLASSES, GradientConfig, MezoConfig,  # noqa: F401
+                      OptimizerConfig, OptimizerName, optimizer_fields)  # (re-exports)
+
 DataSourceName = Literal["stdlib", "text", "tokens", "selective_copy", "mqar", "hf"]
 
 
@@ -40,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The decoder LM (:class:`memjax.models.lm.LMConfig`); ``max_length`` is the data's ``seq_len``."""
+    """The decoder LM (memjax.models.lm.LMConfig); its max_length is the data's seq_len."""
 
     vocab_size: int = 256
     """Tokens; 256 for byte-level data. Must exceed every token id of the data."""
@@ -69,162 +59,14 @@ class ModelConfig:
     biases, RMSNorm epsilon) too. Empty: train from scratch."""
 
 
-# Authors' defaults of the fields that differ between recipes (``None`` in OptimizerConfig).
-RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "scale": {"apollo": 1.0, "apollo_mini": 128.0, "default": 0.25},
-    "projector": {"apollo": "random", "apollo_mini": "random", "default": "svd"},
-    "scale_type": {"apollo_mini": "tensor", "default": "channel"},
-}
-LOW_RANK_RECIPES = ("galore", "fira", "apollo", "q_galore")
-ADAM_8BIT_RECIPES = ("adamw", "galore", "fira", "apollo", "apollo_mini")
-"""Recipes whose Adam moments can be 8-bit (``adam_bits=8``)."""
-"""Recipes with a projection ``rank`` (apollo_mini is rank 1, frugal uses ``density``)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """One optimizer, chosen by ``name``; recipe fields a recipe does not use are ignored.
-
-    Fields whose authors' default differs between recipes (``scale``, ``projector``,
-    ``scale_type``) default to ``None``, read as that default (:meth:`resolved`).
-    """
-
-    name: OptimizerName = "adamw"
-    """Recipe: adamw (optax) or a memjax.optim recipe: galore, fira, apollo, apollo_mini, frugal,
-    q_galore, mezo (zeroth order: forward passes only)."""
-    label: str = ""
-    """Display name and run sub-directory; default: the name, plus the projector for galore, fira
-    and apollo (galore-svd) and the subspace for frugal (frugal-block)."""
-    learning_rate: float = 2e-3
-    """Peak learning rate of the warmup + cosine schedule."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay."""
-    b1: float = 0.9
-    """Adam beta1."""
-    b2: float = 0.999
-    """Adam beta2."""
-    eps: float = 1e-6
-    """Adam epsilon (1e-6 as in the GaLore authors' code, for every recipe; FRUGAL's is 1e-8)."""
-    layerwise: bool = False
-    """Gradient recipes: update each layer inside the backward pass (memjax.training.layerwise_step):
-    no gradient tree is held, so the step needs about one layer's gradient instead of all of them.
-    Clipping (schedule.clip_norm) is exact (a norm-only backward pass first, which also skips a
-    step with a non-finite gradient); gradient accumulation is supported."""
-    adam_bits: AdamBits = 32
-    """adamw, galore, fira, apollo, apollo_mini: bits of the Adam moments; 8 stores them as
-    blockwise 8-bit codes (memjax.optim.scale_by_adam_8bit, block_size, min_8bit_size), as in the
-    GaLore paper's 8-bit rows (q_galore is always 8-bit)."""
-    weight_bits: WeightBits = 32
-    """Gradient recipes: bits of the blocks' linear weights; 8 keeps them as INT8 codes with a
-    scale per group of weight_group_size (memjax.optim.QuantizedWeight; Q-GaLore, Q-APOLLO), each
-    update applied by dequantising, adding and re-quantising with weight_rounding. Embedding,
-    head and norms stay float."""
-    weight_group_size: int = 256
-    """weight_bits 8: entries per scale (Q-GaLore 256, Q-APOLLO-Mini 128)."""
-    weight_rounding: WeightRounding = "stochastic"
-    """weight_bits 8: stochastic rounding (unbiased; the authors') or nearest (for comparison)."""
-    rank: int = 16
-    """Low-rank recipes (galore, fira, apollo, q_galore): projection rank r; apollo_mini is rank 1."""
-    update_proj_gap: int = 50
-    """Low-rank recipes and frugal: projector (subspace, active block) refresh period T (steps)."""
-    scale: float | None = None
-    """Low-rank recipes: scale (alpha) of the update; default 0.25 (galore, fira, q_galore), 1
-    (apollo) or 128 (apollo_mini); apollo multiplies by sqrt(scale)."""
-    projector: ProjectorName | None = None
-    """galore, fira, apollo(_mini): svd (GaLore), dct (SVD-free), random (seed-only state) or
-    power (warm-started block power iteration); default svd, random for apollo and apollo_mini."""
-    proj_type: ProjType = "std"
-    """Low-rank recipes: which side is projected."""
-    refresh: RefreshMode = "synchronous"
-    """Low-rank recipes: refresh every matrix at once or staggered across steps."""
-    reset_inner_on_refresh: bool = False
-    """galore: zero each projected matrix's Adam moments at its refresh (the 2025 pre-training
-    benchmark's "momentum reset"; the authors keep them)."""
-    gamma: float = 1.01
-    """fira, apollo(_mini): norm-growth limiter threshold (an update's norm grows at most by this
-    factor per step)."""
-    paper_form: bool = False
-    """fira: residual G - up(R) (paper) instead of G - scale * up(R) (authors' code)."""
-    scale_type: ScaleType | None = None
-    """apollo(_mini): channel- or tensor-wise scaling factors; default channel (apollo), tensor
-    (apollo_mini)."""
-    scale_front: bool = False
-    """apollo(_mini): multiply by sqrt(scale) before the limiter instead of after."""
-    limiter: bool = True
-    """apollo(_mini): apply the norm-growth limiter (authors: disable_nl=False)."""
-    density: float = 0.25
-    """frugal: state-full fraction of each matrix (of the matrices, for subspace block), in (0, 1]."""
-    subspace: SubspaceName = "svd"
-    """frugal: state-full subspace: svd, random (orthonormal), columns, rows, or block (whole
-    stacked matrices, BAdam-like)."""
-    order: BlockOrder = "descending"
-    """frugal block: order in which the matrices become active (authors' block_order)."""
-    state_free: StateFreeRule = "sign"
-    """frugal: optimizer outside the subspace: sign (signSGD), sgd, or none (GaLore-like)."""
-    state_free_lr: float = 1.0
-    """frugal: state-free learning rate as a multiple of the schedule (authors' inactive_lr_scale)."""
-    reset_state_on_refresh: bool = True
-    """frugal: zero the Adam state at every subspace change (authors' reset_statistics; required
-    for block)."""
-    proj_bits: ProjBits = 4
-    """q_galore: bits of the quantized projector."""
-    proj_group_size: int = 256
-    """q_galore: quantization group size of the projector."""
-    queue_size: int = 5
-    """q_galore: cosine similarities averaged by the lazy refresh."""
-    cos_threshold: float = 0.4
-    """q_galore: mean cosine similarity from which a layer's refresh gap grows."""
-    gamma_proj: int = 2
-    """q_galore: factor by which a stable layer's refresh gap grows."""
-    lazy: bool = True
-    """q_galore: layer-adaptive lazy refresh (off: refresh every update_proj_gap steps)."""
-    block_size: int = 256
-    """q_galore and adam_bits 8: block size of the 8-bit Adam moments."""
-    min_8bit_size: int = 4096
-    """q_galore and adam_bits 8: state leaves with fewer entries keep float32 moments."""
-    zo_eps: float = 1e-3
-    """mezo: SPSA perturbation scale eps (MeZO: 1e-3)."""
-    zo_samples: int = 1
-    """mezo: SPSA samples n per step (n-SPSA); each costs two forward passes."""
-    zo_shared_seed: bool = False
-    """mezo: the shared-seed variant over the mesh's data axis (each worker perturbs with its own
-    key on its own shard and all-gathers one int8 code per sample; parameters are replicated, so
-    mesh.fsdp must be 1). The replay log (step key, codes, lr per step) is saved next to the
-    checkpoints as replay_log.npz: initial parameters + log = the current parameters."""
-
-    def resolved(self, field: str) -> Any:
-        """``field``'s value, or this recipe's authors' default when it is ``None``."""
-        value = getattr(self, field)
-        if value is not None or field not in RECIPE_DEFAULTS:
-            return value
-        defaults = RECIPE_DEFAULTS[field]
-        return defaults.get(self.name, defaults["default"])
-
-    @property
-    def display_name(self) -> str:
-        if self.label:
-            return self.label
-        name = self.name
-        if self.name in ("galore", "fira", "apollo"):
-            name = f"{self.name}-{self.resolved('projector')}"
-        elif self.name == "frugal":
-            name = f"frugal-{self.subspace}"
-        elif self.name == "mezo" and self.zo_shared_seed:
-            name = "mezo-shared-seed"
-        name = f"{name}-8bit" if self.adam_bits == 8 else name
-        if self.weight_bits == 8:
-            name = f"{name}-int8" + ("-nearest" if self.weight_rounding == "nearest" else "")
-        return f"{name}-layerwise" if self.layerwise else name
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where batches come from (see :mod:`experiments.data`)."""
+    """Where batches come from (see experiments.data)."""
 
     source: DataSourceName = "stdlib"
     """stdlib (bytes of Python's own sources + pydoc topics) | text (paths, bytes) | tokens (paths,
     .npy / .bin) | selective_copy | mqar (synthetic, from the seed) | hf (a Hugging Face dataset's
-    text as bytes; needs ``pip install datasets``)."""
+    text as bytes; needs pip install datasets)."""
     paths: tuple[str, ...] = ()
     """Files of the text / tokens sources; for hf, the data_files of a packaged builder (json, csv)."""
     hf_path: str = ""
@@ -257,7 +99,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """A 2-D device mesh ``(data, fsdp)``; -1 takes the remaining devices."""
+    """A 2-D device mesh (data, fsdp); -1 takes the remaining devices."""
 
     data: int = -1
     """Data-parallel axis size (batch only)."""
@@ -285,7 +127,7 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Validation loss every ``every`` steps (and at the last step) on fixed held-out batches."""
+    """Validation loss every `every` steps (and at the last step) on fixed held-out batches."""
 
     every: int = 50
     """Evaluate every this many steps; 0: only at the end."""
@@ -307,6 +149,12 @@ class CheckpointConfig:
     """Resume from the latest checkpoint of the run directory if there is one."""
     stop_after: int = 0
     """Stop (after saving) once this step is reached, as if preempted; 0: never."""
+    overwrite: bool = False
+    """Start the run again from step 0, deleting its checkpoints and metrics, instead of
+    resuming it (or refusing a changed config)."""
+    max_skipped_steps: int = 20
+    """Stop the run with an error after this many consecutive skipped steps (non-finite loss or
+    gradients); no checkpoint is written while steps are skipped. 0: never stop."""
     export_hf: bool = False
     """At the end of a run, write the trained model as a Hugging Face checkpoint folder
     (<run>/hf: config.json, model.safetensors and the tokenizer.json used, if any) that
@@ -332,7 +180,7 @@ class LogConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-    """Multi-process runs (``jax.distributed.initialize``); empty address: one process."""
+    """Multi-process runs (jax.distributed.initialize); empty address: one process."""
 
     coordinator_address: str = ""
     """host:port of process 0, e.g. localhost:12345."""
@@ -344,7 +192,7 @@ class DistributedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """An experiment: every optimizer in ``optimizers`` trains the same model on the same data."""
+    """An experiment: every optimizer in `optimizers` trains the same model on the same data."""
 
     name: str = "default"
     """Experiment name (the run directory under log.output_dir)."""
@@ -383,9 +231,20 @@ def from_json_dict(cls: type, data: dict) -> Any:
     """The dataclass ``cls`` built from :func:`to_json_dict` output (nested dataclasses and tuples
     restored from their JSON types).
 
+    For :class:`OptimizerConfig`, the class of the recipe ``data["name"]``; keys of other recipes'
+    fields are dropped (a run directory written when every optimizer had every field).
+
     Raises:
-      ConfigError: a key that is not a field of ``cls``.
+      ConfigError: a key that is not a field of ``cls``, or an unknown recipe name.
     """
+    if cls is OptimizerConfig:
+        name = data.get("name", "adamw")
+        if name not in RECIPE_CLASSES:
+            raise ConfigError(f"unknown optimizer name {name!r}; available: "
+                              f"{', '.join(RECIPE_CLASSES)}")
+        cls = RECIPE_CLASSES[name]
+        others = {f for n in RECIPE_CLASSES for f in optimizer_fields(n)}
+        data = {k: v for k, v in data.items() if k in optimizer_fields(name) or k not in others}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -471,7 +330,7 @@ _CHECKPOINT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "ffn_d
 def checkpoint_lm_config(m: ModelConfig):
     """The :class:`memjax.models.lm.LMConfig` of the checkpoint ``m.init_from`` in
     ``m.param_dtype``; an unreadable or unsupported checkpoint is a :class:`ConfigError`."""
-    from experiments import hf_checkpoint
+    from . import hf_checkpoint
 
     try:
         return hf_checkpoint.config_from_hf(hf_checkpoint.read_config(m.init_from),
@@ -518,6 +377,8 @@ def validate(config: Config) -> None:
          "eval.every must be >= 0 and eval.batches >= 1"),
         (config.checkpoint.every >= 0 and config.checkpoint.max_to_keep >= 1,
          "checkpoint.every must be >= 0 and checkpoint.max_to_keep >= 1"),
+        (config.checkpoint.max_skipped_steps >= 0,
+         f"checkpoint.max_skipped_steps={config.checkpoint.max_skipped_steps} must be >= 0"),
         (config.log.log_every >= 1, f"log.log_every={config.log.log_every} must be >= 1"),
         (d.source not in ("text", "tokens") or d.paths, f"data.source={d.source!r} needs data.paths"),
         (d.source != "hf" or d.hf_path, "data.source='hf' needs data.hf_path"),
@@ -548,41 +409,40 @@ def validate(config: Config) -> None:
         raise ConfigError(f"distributed: process_id={dist.process_id} must be in [0, num_processes="
                           f"{dist.num_processes})")
     for o in config.optimizers:
-        if o.learning_rate <= 0:
-            raise ConfigError(f"optimizer {o.display_name}: learning_rate must be > 0")
-        if o.zo_shared_seed and o.name != "mezo":
-            raise ConfigError(f"optimizer {o.display_name}: zo_shared_seed applies to mezo only")
-        if o.name == "mezo" and o.zo_shared_seed and config.mesh.fsdp != 1:
+        _validate_optimizer(config, o)
+
+
+def _validate_optimizer(config: Config, o: OptimizerConfig) -> None:
+    """Raises :class:`ConfigError` for settings of ``o`` that cannot run in ``config``."""
+    if not isinstance(o, OptimizerConfig):
+        raise ConfigError(f"optimizers holds {o!r}; build each with OptimizerConfig(name=...)")
+    if o.learning_rate <= 0:
+        raise ConfigError(f"optimizer {o.display_name}: learning_rate must be > 0")
+    if isinstance(o, MezoConfig):
+        if o.zo_shared_seed and config.mesh.fsdp != 1:
             raise ConfigError(f"optimizer {o.display_name}: zo_shared_seed replicates the "
                               f"parameters; set mesh.fsdp=1 (got {config.mesh.fsdp})")
-        if o.name == "mezo" and not (0 < o.zo_eps < float("inf") and isinstance(o.zo_samples, int)
-                                     and o.zo_samples >= 1):
+        if not (0 < o.zo_eps < float("inf") and isinstance(o.zo_samples, int)
+                and o.zo_samples >= 1):
             raise ConfigError(f"optimizer {o.display_name}: zo_eps={o.zo_eps} must be a finite "
                               f"number > 0 and zo_samples={o.zo_samples} an int >= 1")
-        if o.layerwise and o.name == "mezo":
-            raise ConfigError(f"optimizer {o.display_name}: layerwise applies to gradient "
-                              "recipes; mezo takes no backward pass")
-        if o.weight_bits == 8 and o.name == "mezo":
-            raise ConfigError(f"optimizer {o.display_name}: weight_bits=8 applies to gradient "
-                              "recipes (mezo perturbs float weights)")
-        if o.weight_bits == 8 and (config.model.init_from or config.checkpoint.export_hf):
-            raise ConfigError(f"optimizer {o.display_name}: weight_bits=8 with model.init_from "
-                              "or checkpoint.export_hf is not supported (float checkpoints)")
-        if o.weight_bits not in (32, 8):
-            raise ConfigError(f"optimizer {o.display_name}: weight_bits={o.weight_bits!r} must be "
-                              f"32 (float) or 8 (INT8)")
-        error = _weight_format_error(config.model, o)
-        if error:
-            raise ConfigError(f"optimizer {o.display_name}: {error}")
-        if o.adam_bits == 8 and o.name not in ADAM_8BIT_RECIPES:
-            raise ConfigError(f"optimizer {o.display_name}: adam_bits=8 applies to "
-                              f"{', '.join(ADAM_8BIT_RECIPES)} (q_galore is always 8-bit)")
-        if o.reset_inner_on_refresh and o.name != "galore":
-            raise ConfigError(f"optimizer {o.display_name}: reset_inner_on_refresh applies to "
-                              "galore (frugal: reset_state_on_refresh)")
-        if o.name == "frugal" and not 0 < o.density <= 1:
-            raise ConfigError(f"optimizer {o.display_name}: density={o.density} must be in (0, 1]")
-        if o.name in LOW_RANK_RECIPES and o.rank >= min(config.model.d_model, config.model.ffn_dim):
-            raise ConfigError(
-                f"optimizer {o.display_name}: rank={o.rank} must be smaller than "
-                f"min(model.d_model, model.ffn_dim)={min(config.model.d_model, config.model.ffn_dim)}")
+        return
+    if not isinstance(o, GradientConfig):
+        return
+    if o.weight_bits == 8 and (config.model.init_from or config.checkpoint.export_hf):
+        raise ConfigError(f"optimizer {o.display_name}: weight_bits=8 with model.init_from "
+                          "or checkpoint.export_hf is not supported (float checkpoints)")
+    if o.weight_bits not in (32, 8):
+        raise ConfigError(f"optimizer {o.display_name}: weight_bits={o.weight_bits!r} must be "
+                          f"32 (float) or 8 (INT8)")
+    error = _weight_format_error(config.model, o)
+    if error:
+        raise ConfigError(f"optimizer {o.display_name}: {error}")
+    if getattr(o, "adam_bits", 32) not in (32, 8):
+        raise ConfigError(f"optimizer {o.display_name}: adam_bits={o.adam_bits!r} must be 32 or 8")
+    if o.name == "frugal" and not 0 < o.density <= 1:
+        raise ConfigError(f"optimizer {o.display_name}: density={o.density} must be in (0, 1]")
+    if o.name in LOW_RANK_RECIPES and o.rank >= min(config.model.d_model, config.model.ffn_dim):
+        raise ConfigError(
+            f"optimizer {o.display_name}: rank={o.rank} must be smaller than "
+            f"min(model.d_model, model.ffn_dim)={min(config.model.d_model, config.model.ffn_dim)}")

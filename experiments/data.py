@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from experiments.config import ConfigError, DataConfig
+from .config import ConfigError, DataConfig
 
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 _TRAIN, _VAL = 0, 1
@@ -162,7 +162,7 @@ def read_token_files(paths: Sequence[str], bin_dtype: str) -> np.ndarray:
 
 def read_hf_dataset(cfg: DataConfig) -> np.ndarray:
     """The ``cfg.hf_column`` text of a Hugging Face dataset as uint8 bytes (see :mod:`experiments.hf_data`)."""
-    from experiments import hf_data
+    from . import hf_data
 
     if not cfg.hf_path:
         raise ConfigError("data.source='hf' needs data.hf_path")

@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from experiments.config import LOW_RANK_RECIPES, Config, ConfigError, validate
+from .config import LOW_RANK_RECIPES, Config, ConfigError, validate
 
 GiB = 2**30
 
@@ -71,7 +71,7 @@ def plan_row(config: Config, optimizer) -> dict:
       "temp_bytes", "argument_bytes", "output_bytes", "alias_bytes", "compile_seconds",
       "model", "batch_tokens"}``.
     """
-    from experiments import run, sharding
+    from . import run, sharding
 
     start = time.perf_counter()
     tr = run.build_trainer(config, optimizer, sharding.make_mesh(config.mesh))
@@ -196,14 +196,14 @@ def describe_config(config: Config) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI; returns the exit status (2 on bad input)."""
-    from experiments import train
+    from . import train
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--json", action="store_true")
     pre.add_argument("--plot", default="")
     known, rest = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        config = train.parse(rest, prog="python -m experiments.memory",
+        config = train.parse(rest, prog=train.program("python -m experiments.memory"),
                              description=__doc__.splitlines()[0] + " Extra flags: --json (one "
                              "JSON object per row), --plot PATH (stacked bars as PNG).")
         if not known.json:

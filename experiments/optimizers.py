@@ -6,8 +6,8 @@ takes the bare recipe: :func:`memjax.training.layerwise_step` clips and skips it
 pass), since no gradient tree exists for a chain to see. A recipe is one
 function in :data:`RECIPES` from ``(OptimizerConfig, schedule)`` to an optax transform: adamw
 (optax) and the memjax recipes galore, fira, apollo, apollo_mini, frugal and q_galore with their
-authors' parameter names. Plug in another by adding a function here and its name to
-:data:`experiments.config.OptimizerName`. ``mezo`` is zeroth order (:func:`mezo`,
+authors' parameter names. Plug in another by adding a function here and its config class to
+:mod:`experiments.recipes`. ``mezo`` is zeroth order (:func:`mezo`,
 :func:`mezo_shared_seed`): no gradient, so no clipping; it skips non-finite steps itself.
 
 Parameters of the decoder LM carry a leading ``"layers"`` axis on the stacked blocks; the recipes'
@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import optax
 
 import memjax
-from experiments.config import OptimizerConfig, ScheduleConfig
+from .config import OptimizerConfig, ScheduleConfig
 
 Recipe = Callable[[OptimizerConfig, optax.Schedule], optax.GradientTransformation]
 
@@ -59,25 +59,25 @@ def _low_rank(cfg: OptimizerConfig, rank: int) -> dict:
     """Arguments shared by the projected recipes (the step skip is :func:`build`'s). The default
     labels project every attention and MLP matrix of the stacked blocks; ``adam_bits=8`` replaces
     the inner Adam with 8-bit moments."""
-    inner = {"inner": adam_8bit(cfg)} if cfg.adam_bits == 8 else {}
-    return dict(rank=rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.resolved("scale"),
+    inner = {"inner": adam_8bit(cfg)} if getattr(cfg, "adam_bits", 32) == 8 else {}
+    return dict(rank=rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
                 proj_type=cfg.proj_type, refresh=cfg.refresh, skip_nonfinite=False,
                 **inner, **_adam(cfg))
 
 
 def galore(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
-    return memjax.optim.galore(lr, projector=cfg.resolved("projector"),
+    return memjax.optim.galore(lr, projector=cfg.projector,
                                reset_inner_on_refresh=cfg.reset_inner_on_refresh,
                                **_low_rank(cfg, cfg.rank))
 
 
 def fira(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransformation:
-    return memjax.optim.fira(lr, projector=cfg.resolved("projector"), gamma=cfg.gamma,
+    return memjax.optim.fira(lr, projector=cfg.projector, gamma=cfg.gamma,
                              paper_form=cfg.paper_form, **_low_rank(cfg, cfg.rank))
 
 
 def _apollo(cfg: OptimizerConfig) -> dict:
-    return {"projector": cfg.resolved("projector"), "scale_type": cfg.resolved("scale_type"),
+    return {"projector": cfg.projector, "scale_type": cfg.scale_type,
             "scale_front": cfg.scale_front, "limiter": cfg.limiter, "gamma": cfg.gamma}
 
 
@@ -163,7 +163,7 @@ def build(cfg: OptimizerConfig, schedule: ScheduleConfig,
     when the parameters are sharded).
     """
     lr = warmup_cosine(cfg.learning_rate, schedule)
-    if cfg.layerwise and cfg.name != "mezo":
+    if getattr(cfg, "layerwise", False):
         return RECIPES[cfg.name](cfg, lr), lr
     if cfg.name == "mezo" and cfg.zo_shared_seed:
         return mezo_shared_seed(cfg, lr), lr

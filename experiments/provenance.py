@@ -11,7 +11,7 @@ import sys
 
 import jax
 
-from experiments.config import Config, OptimizerConfig, to_json_dict
+from .config import Config, OptimizerConfig, to_json_dict
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tyro")
 

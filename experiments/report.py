@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import statistics
 
-from experiments import metrics
+from . import metrics
 
 MB = 1e6
+LOADED = 1.25
+"""A load average above this many times the CPU count means other work competed for them."""
 
 
 def summarize(label: str, directory: pathlib.Path) -> dict:
@@ -21,7 +24,7 @@ def summarize(label: str, directory: pathlib.Path) -> dict:
     records = metrics.read(directory / "metrics.jsonl")
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
-    warm = [r["step_time"] for r in train if r.get("warm")] or [r["step_time"] for r in train]
+    timed = [r for r in train if r.get("warm")] or train
     mem = json.loads((directory / "memory.json").read_text()) if (directory / "memory.json").exists() else {}
     return {
         "optimizer": label,
@@ -31,17 +34,26 @@ def summarize(label: str, directory: pathlib.Path) -> dict:
         "opt_state_mb": mem.get("opt_state_bytes", math.nan) / MB,
         "param_mb": mem.get("param_bytes", math.nan) / MB,
         "step_memory_mb": mem.get("step_peak_bytes", math.nan) / MB,
-        "mean_step_ms": 1e3 * statistics.fmean(warm) if warm else math.nan,
+        "step_ms": 1e3 * statistics.median(r["step_time"] for r in timed) if timed else math.nan,
+        "max_load": max((r.get("load", math.nan) for r in timed), default=math.nan),
     }
 
 
 def table(rows: list[dict]) -> str:
-    """A markdown table of :func:`summarize` rows."""
+    """A markdown table of :func:`summarize` rows, with a note on how step times were taken and
+    a warning when the machine was loaded by other work while they were."""
     head = ("| optimizer | steps | final val loss | optimizer state MB | compiled step MB / device "
-            "| mean step ms |\n|---|---:|---:|---:|---:|---:|")
+            "| step ms |\n|---|---:|---:|---:|---:|---:|")
     lines = [f"| {r['optimizer']} | {r['steps']} | {r['final_val_loss']:.4f} | {r['opt_state_mb']:.3f} "
-             f"| {r['step_memory_mb']:.2f} | {r['mean_step_ms']:.1f} |" for r in rows]
-    return "\n".join([head, *lines])
+             f"| {r['step_memory_mb']:.2f} | {r['step_ms']:.1f} |" for r in rows]
+    note = ("step ms: median over the logged windows after the first (which holds the "
+            "compilation), the same steps for every optimizer of a fresh run.")
+    loads = [r["max_load"] for r in rows if math.isfinite(r.get("max_load", math.nan))]
+    cpus = os.cpu_count() or 1
+    if loads and max(loads) > LOADED * cpus:
+        note += (f" The machine was busy with other work while timing (1-minute load average "
+                 f"up to {max(loads):.1f} on {cpus} CPUs): compare step times with care.")
+    return "\n".join([head, *lines, "", note])
 
 
 def _smooth(values: list[float], window: int) -> list[float]:

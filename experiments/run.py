@@ -16,6 +16,7 @@ import functools
 import os
 import pathlib
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -25,11 +26,11 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import memjax
-from experiments import checkpointing, metrics, optimizers, provenance, trainer
-from experiments.config import (Config, ConfigError, OptimizerConfig, checkpoint_lm_config,
-                                fingerprint_differences,
-                                resume_fingerprint, to_json_dict)
-from experiments.data import BatchIterator, DataSource, IteratorState
+from . import checkpointing, hooks, metrics, optimizers, provenance, trainer
+from .config import (Config, ConfigError, OptimizerConfig, checkpoint_lm_config,
+                     fingerprint_differences,
+                     resume_fingerprint, to_json_dict)
+from .data import BatchIterator, DataSource, IteratorState
 from memjax.models.lm import LMConfig
 
 MB = 1e6
@@ -44,7 +45,7 @@ def lm_config(config: Config, optimizer: OptimizerConfig | None = None) -> LMCon
     (its ``weight_bits``: INT8 block weights); bad fields raise ConfigError."""
     m = config.model
     weights = {}
-    if optimizer is not None and optimizer.weight_bits == 8:
+    if optimizer is not None and getattr(optimizer, "weight_bits", 32) == 8:
         weights = dict(weight_bits=8, weight_group_size=optimizer.weight_group_size,
                        weight_rounding=optimizer.weight_rounding)
     if m.init_from:  # the checkpoint's shape and attention options, this run's runtime fields
@@ -62,26 +63,29 @@ def lm_config(config: Config, optimizer: OptimizerConfig | None = None) -> LMCon
 
 def check_resumable(config: Config, optimizer: OptimizerConfig, data_fingerprint: str) -> int:
     """The step a run will start from; raises :class:`ConfigError` if its directory holds a
-    checkpoint that this config cannot continue (nothing is written)."""
+    checkpoint that this config cannot continue (nothing is written). With
+    ``checkpoint.overwrite`` a run always starts from step 0."""
     directory = run_dir(config, optimizer)
     latest = checkpointing.latest_meta(directory / "checkpoints")
-    if latest is None:
+    if latest is None or config.checkpoint.overwrite:
         return 0
     step, meta = latest
+    way_out = ("pass --checkpoint.overwrite to train it again from step 0 (deleting its "
+               "checkpoints), or choose another --name or --log.output-dir")
     if not config.checkpoint.resume:
         raise ConfigError(
             f"{directory} already holds checkpoints (step {step}) and checkpoint.resume is False; "
-            "choose another log.output_dir or name")
+            f"{way_out}")
     diffs = fingerprint_differences(meta["fingerprint"], resume_fingerprint(config, optimizer))
     if diffs:
         more = f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""
         raise ConfigError(
             f"checkpoint in {directory} is from an incompatible config: {diffs[0]}{more}; "
-            "choose another log.output_dir or name")
+            f"{way_out}")
     if meta["data_fingerprint"] != data_fingerprint:
         raise ConfigError(
             f"checkpoint in {directory} was trained on different data (fingerprint "
-            f"{meta['data_fingerprint']}, now {data_fingerprint})")
+            f"{meta['data_fingerprint']}, now {data_fingerprint}); {way_out}")
     return step
 
 
@@ -94,7 +98,7 @@ def build_trainer(config: Config, optimizer: OptimizerConfig,
     lm = lm_config(config, optimizer)
     initial = None
     if config.model.init_from:
-        from experiments import hf_checkpoint
+        from . import hf_checkpoint
 
         initial = functools.partial(hf_checkpoint.load_params, config.model.init_from, lm)
     return trainer.build(lm, tx, lr, mesh=mesh, rules=config.mesh.rules,
@@ -122,10 +126,6 @@ def format_memory(label: str, mem: dict) -> str:
             f"{mem['opt_state_bytes'] / MB:.2f} MB, compiled step {mem['step_peak_bytes'] / MB:.2f} MB "
             f"per device (arguments {s['argument'] / MB:.2f}, outputs {s['output'] / MB:.2f}, "
             f"donated {s['alias'] / MB:.2f}, temporaries {s['temp'] / MB:.2f})")
-
-
-def _due(step: int, every: int, last: int) -> bool:
-    return step == last or (every > 0 and step % every == 0)
 
 
 def _write_provenance(directory: pathlib.Path, config: Config, optimizer: OptimizerConfig,
@@ -164,12 +164,6 @@ def _load_replay_log(directory: pathlib.Path, start: int):
     return memjax.optim.ReplayLog(*(a[:start] for a in log))
 
 
-def _append_replay(log, entry):
-    if log is None:
-        log = memjax.optim.ReplayLog.empty(*entry.codes.shape)
-    return log.append(entry)
-
-
 def save_replay_log(path: pathlib.Path, log) -> None:
     """Writes a :class:`memjax.optim.ReplayLog` as an ``.npz`` archive, atomically (a temporary
     file, then a rename)."""
@@ -183,13 +177,6 @@ def load_replay_log(path: pathlib.Path):
     """The :class:`memjax.optim.ReplayLog` written by :func:`save_replay_log`."""
     with np.load(path) as f:
         return memjax.optim.ReplayLog(**{name: f[name] for name in memjax.optim.ReplayLog._fields})
-
-
-def _train_records(host: list[dict], last_step: int, step_time: float, tokens_per_step: int,
-                   warm: bool) -> list[dict]:
-    first = last_step - len(host) + 1
-    return [{"step": first + i, "split": "train", **h, "step_time": step_time,
-             "tokens_per_s": tokens_per_step / step_time, "warm": warm} for i, h in enumerate(host)]
 
 
 def tokenizer_path(config: Config) -> str | None:
@@ -208,7 +195,7 @@ def export_hf(config: Config, optimizer: OptimizerConfig, params: Any, folder: p
               primary: bool) -> None:
     """Writes the trained ``params`` as a Hugging Face checkpoint folder (with the tokenizer
     used, if any); every process gathers, process 0 writes."""
-    from experiments import hf_checkpoint
+    from . import hf_checkpoint
 
     host = jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable else np.asarray(
         multihost_utils.process_allgather(x, tiled=True)), params)
@@ -225,24 +212,34 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
           source: DataSource) -> pathlib.Path:
     """Trains (or resumes) one run to ``schedule.steps`` (or ``checkpoint.stop_after``).
 
-    Metrics are fetched from the device only every ``log.log_every`` steps (and at evaluations
-    and checkpoints), so steps are dispatched asynchronously in between; the step time of a
-    record is the wall time of its window divided by the steps in it. Only process 0 writes
-    files and prints; every process takes part in checkpointing.
+    The loop dispatches steps and, every ``log.log_every`` steps and whenever a hook is due,
+    fetches the window's metrics from the device (so steps run asynchronously in between) and
+    passes it to the hooks (:func:`hooks_for`): evaluation, the metrics log, the skipped-step
+    guard, the replay log, checkpoints, the progress bar. The step time of a record is the
+    wall time of its window divided by its steps. Only process 0 writes files and prints; every
+    process takes part in checkpointing.
 
     Returns:
       The run directory.
+
+    Raises:
+      hooks.RunStopped: ``checkpoint.max_skipped_steps`` consecutive skipped steps.
+      KeyboardInterrupt: after saying at which step and from which checkpoint to resume.
     """
     directory = run_dir(config, optimizer)
-    label, s, d = optimizer.display_name, config.schedule, config.data
-    steps = s.steps
-    stop = min(steps, config.checkpoint.stop_after) if config.checkpoint.stop_after else steps
+    label, s = optimizer.display_name, config.schedule
+    stop = min(s.steps, config.checkpoint.stop_after) if config.checkpoint.stop_after else s.steps
     start = check_resumable(config, optimizer, source.fingerprint)
     primary = jax.process_index() == 0
     if start >= stop:
         if primary:
             print(f"[{label}] already at step {start}; nothing to train")
         return directory
+    if config.checkpoint.overwrite:
+        if primary:
+            _clear_run(directory)
+        if jax.process_count() > 1:  # nobody opens the checkpoints before they are gone
+            multihost_utils.sync_global_devices("memjax overwrite " + label)
     if primary:
         _write_provenance(directory, config, optimizer, source.fingerprint, start)
 
@@ -254,68 +251,103 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
 
     mngr = checkpointing.manager(directory / "checkpoints", config.checkpoint)
     state, position = _restore_or_init(tr, mngr, start, config.seed)
-    metrics_path = directory / "metrics.jsonl"
-    board = metrics.TensorBoard(directory / "tensorboard") if (
-        config.log.tensorboard and primary) else None
     if primary:
-        metrics.truncate(metrics_path, start)
-    fingerprint = resume_fingerprint(config, optimizer)
+        metrics.truncate(directory / "metrics.jsonl", start)
+        if start:
+            print(f"[{label}] resumed from step {start} ({directory / 'checkpoints'})", flush=True)
     batches = BatchIterator(source, position)
 
     def to_device(batch):
         return trainer.to_device(trainer.micro_batches(batch, s.grad_accum), tr.batch_shardings)
 
-    shared_seed = tr.kind == "shared_seed"
-    replay_log = _load_replay_log(directory, start) if shared_seed else None
-    val = [to_device(b) for b in source.val_batches]
-    tokens_per_step = d.batch_size * d.seq_len
-    bar = tqdm(total=steps, initial=start, desc=label, disable=not (config.log.progress and primary))
-    pending, window_start, warm = [], time.perf_counter(), False
+    bar = tqdm(total=s.steps, initial=start, desc=label,
+               disable=not (config.log.progress and primary))
+    hook_list = hooks_for(config, optimizer, tr, source, directory, mngr, bar, start, stop,
+                          batches, primary, to_device)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
     try:
-        for done in range(start + 1, stop + 1):
-            state, step_metrics, record = tr.step(state, to_device(next(batches)))
-            pending.append((step_metrics, record))
-            eval_due = _due(done, config.eval.every, steps)
-            ckpt_due = _due(done, config.checkpoint.every, stop)
-            if not (eval_due or ckpt_due or _due(done, config.log.log_every, stop)):
-                continue
-            host = [trainer.host_metrics(m) for m, _ in pending]  # waits for the device
-            if shared_seed:
-                for _, record in pending:
-                    replay_log = _append_replay(replay_log, trainer.replay_entry(record))
-            step_time = (time.perf_counter() - window_start) / len(host)
-            records = _train_records(host, done, step_time, tokens_per_step, warm)
-            pending, warm = [], True
-            if eval_due:
-                val_loss = sum(float(tr.eval_loss(state.params, b)) for b in val) / len(val)
-                records.append({"step": done, "split": "val", "loss": val_loss})
-                if primary:
-                    bar.write(f"[{label}] step {done}: validation loss {val_loss:.4f}")
-            if primary:
-                metrics.append(metrics_path, records)
-                if board is not None:
-                    board.append(records)
-            if ckpt_due:
-                if shared_seed and primary:  # written before the checkpoint starts
-                    save_replay_log(directory / REPLAY_LOG, replay_log)
-                checkpointing.save(mngr, done, state, {
-                    "data": dataclasses.asdict(batches.state), "fingerprint": fingerprint,
-                    "data_fingerprint": source.fingerprint})
-            bar.update(len(host))
-            bar.set_postfix(loss=f"{host[-1]['loss']:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}",
-                            step_ms=f"{1e3 * step_time:.1f}")
-            window_start = time.perf_counter()
+        with hooks.deferred_interrupt() as interrupted:
+            state = _loop(tr, state, batches, to_device, hook_list, start, stop,
+                          config.log.log_every, tokens_per_step, interrupted)
         digest = trainer.params_digest(state.params)
         bar.write(f"[{label}] process {jax.process_index()}/{jax.process_count()}: step {stop}, "
                   f"params sha256 {digest}")
         if primary:
             provenance.write_json(directory / "final.json", {"step": stop, "params_sha256": digest})
-        if config.checkpoint.export_hf and stop == steps:
+        if config.checkpoint.export_hf and stop == s.steps:
             export_hf(config, optimizer, state.params, directory / "hf", primary)
+    except KeyboardInterrupt as err:
+        if primary:
+            checkpoint = next(h for h in hook_list if isinstance(h, hooks.Checkpoint))
+            checkpoint.close()  # an asynchronous save in flight completes first
+            where = f" at step {err.step}" if isinstance(err, hooks.Interrupted) else ""
+            resume = (f"run the same command to resume from step {checkpoint.last}"
+                      if checkpoint.last else "no checkpoint yet: the same command starts over")
+            print(f"\n[{label}] interrupted{where}; {resume}", file=sys.stderr, flush=True)
+        raise
     finally:
-        if board is not None:
-            board.close()
-        bar.close()
-        mngr.wait_until_finished()
-        mngr.close()
+        for hook in reversed(hook_list):
+            hook.close()
     return directory
+
+
+def _loop(tr: trainer.Trainer, state: trainer.TrainState, batches: BatchIterator, to_device,
+          hook_list: list[hooks.Hook], start: int, stop: int, log_every: int,
+          tokens_per_step: int, interrupted) -> trainer.TrainState:
+    """Steps ``start + 1 .. stop``; a window of metrics is fetched and handed to the hooks every
+    ``log_every`` steps and whenever a hook is due. Ctrl-C stops it between steps."""
+    pending, window_start, warm = [], time.perf_counter(), False
+    for step in range(start + 1, stop + 1):
+        if interrupted():
+            raise hooks.Interrupted(step - 1)
+        state, step_metrics, record = tr.step(state, to_device(next(batches)))
+        pending.append((step_metrics, record))
+        if not (hooks.due(step, log_every, stop) or any(h.due(step) for h in hook_list)):
+            continue
+        host = [trainer.host_metrics(m) for m, _ in pending]  # waits for the device
+        step_time = (time.perf_counter() - window_start) / len(host)
+        window = hooks.Window(step, state, host, [r for _, r in pending], step_time,
+                              hooks.train_records(host, step, step_time, tokens_per_step, warm))
+        for hook in hook_list:
+            hook.on_window(window)
+        pending, warm = [], True
+        window_start = time.perf_counter()
+    return state
+
+
+def hooks_for(config: Config, optimizer: OptimizerConfig, tr: trainer.Trainer,
+              source: DataSource, directory: pathlib.Path, mngr, bar: tqdm, start: int,
+              stop: int, batches: BatchIterator, primary: bool, to_device) -> list[hooks.Hook]:
+    """The hooks of one run, in the order they see each window (evaluation first: it adds the
+    val record the log writes; the guard before the checkpoint it may veto)."""
+    label = optimizer.display_name
+    fingerprint = resume_fingerprint(config, optimizer)
+
+    def meta() -> dict:
+        return {"data": dataclasses.asdict(batches.state), "fingerprint": fingerprint,
+                "data_fingerprint": source.fingerprint}
+
+    checkpoint = hooks.Checkpoint(mngr, config.checkpoint.every, stop, start, meta)
+    guard = hooks.SkipGuard(config.checkpoint.max_skipped_steps, label, checkpoint)
+    checkpoint.guard = guard
+    say = bar.write if primary else (lambda text: None)
+    out: list[hooks.Hook] = [hooks.Evaluation(
+        tr, [to_device(b) for b in source.val_batches], config.eval.every, config.schedule.steps,
+        say, label)]
+    if primary:
+        board = metrics.TensorBoard(directory / "tensorboard") if config.log.tensorboard else None
+        out.append(hooks.MetricsLog(directory / "metrics.jsonl", board))
+    out.append(guard)
+    if tr.kind == "shared_seed":
+        out.append(hooks.ReplayLog(_load_replay_log(directory, start), directory / REPLAY_LOG,
+                                   checkpoint, primary, save_replay_log))
+    out += [checkpoint, hooks.Progress(bar, config.data.batch_size * config.data.seq_len)]
+    return out
+
+
+def _clear_run(directory: pathlib.Path) -> None:
+    """Removes a run's checkpoints, metrics and replay log (``checkpoint.overwrite``)."""
+    shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+    shutil.rmtree(directory / "tensorboard", ignore_errors=True)
+    for name in ("metrics.jsonl", REPLAY_LOG, "final.json"):
+        (directory / name).unlink(missing_ok=True)

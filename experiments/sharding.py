@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from experiments.config import ConfigError, MeshConfig
+from .config import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")

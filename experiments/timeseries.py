@@ -52,7 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import data as data_lib
+from . import data as data_lib
 from memjax.models.layers import RMSNorm
 from memjax.models.lm import stack_layers
 from memjax.models.mamba import Mamba

@@ -36,8 +36,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import memjax
-from experiments import sharding
-from experiments.data import Batch
+from . import sharding
+from .data import Batch
 from memjax.models.lm import LM, LMConfig, layered, next_token_loss
 from memjax.optim import quantized_weights as qw
 

@@ -6,7 +6,7 @@ import dataclasses
 import importlib
 import pkgutil
 
-from experiments.config import Config, ConfigError, run_config
+from ..config import Config, ConfigError, run_config
 
 
 def names() -> list[str]:

@@ -7,8 +7,8 @@ GaLore uses the authors' recipe shape (larger learning rate, scale 0.25, rank < 
 attention and MLP matrix; embeddings, head and norms get plain Adam.
 """
 
-from experiments.config import (CheckpointConfig, Config, DataConfig, EvalConfig, ModelConfig,
-                                OptimizerConfig, ScheduleConfig)
+from ..config import (CheckpointConfig, Config, DataConfig, EvalConfig, ModelConfig,
+                      OptimizerConfig, ScheduleConfig)
 
 CONFIG = Config(
     seed=0,

@@ -9,8 +9,8 @@ int8_quality`` (about 10 minutes on 2 CPU cores); BENCHMARKS.md, section 13.
 
 import dataclasses
 
-from experiments.config import OptimizerConfig
-from experiments.configs.default import CONFIG as DEFAULT
+from ..config import OptimizerConfig
+from .default import CONFIG as DEFAULT
 
 _Q_GALORE = dict(name="q_galore", learning_rate=1e-2, rank=16, update_proj_gap=50, scale=0.25,
                  layerwise=True)

@@ -11,7 +11,7 @@ groups of 256 re-quantised with stochastic rounding) and ``apollo-mini-int8-laye
 allocated.
 """
 
-from experiments.config import Config, DataConfig, ModelConfig, OptimizerConfig
+from ..config import Config, DataConfig, ModelConfig, OptimizerConfig
 
 _GALORE = {"name": "galore", "rank": 1024, "update_proj_gap": 200, "scale": 0.25,
            "learning_rate": 1e-2}

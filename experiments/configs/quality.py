@@ -7,8 +7,8 @@ This config trains tuned AdamW and GaLore; ``python -m benchmarks.quality`` runs
 of it, resumably.
 """
 
-from experiments.config import (CheckpointConfig, Config, DataConfig, EvalConfig, LogConfig,
-                                ModelConfig, OptimizerConfig, ScheduleConfig)
+from ..config import (CheckpointConfig, Config, DataConfig, EvalConfig, LogConfig,
+                      ModelConfig, OptimizerConfig, ScheduleConfig)
 
 CONFIG = Config(
     seed=0,

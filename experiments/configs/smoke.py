@@ -2,8 +2,8 @@
 optimizer inside the backward pass: the same updates as galore-svd) and layerwise Q-GaLore over
 INT8 weights with stochastic rounding (tests, CI, quick checks)."""
 
-from experiments.config import (CheckpointConfig, Config, DataConfig, EvalConfig, LogConfig,
-                                ModelConfig, OptimizerConfig, ScheduleConfig)
+from ..config import (CheckpointConfig, Config, DataConfig, EvalConfig, LogConfig,
+                      ModelConfig, OptimizerConfig, ScheduleConfig)
 
 CONFIG = Config(
     seed=0,

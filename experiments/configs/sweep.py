@@ -9,8 +9,8 @@ About 45 minutes on 2 CPU cores: ``python -m experiments.train --config sweep``.
 
 import dataclasses
 
-from experiments.config import EvalConfig, OptimizerConfig, ScheduleConfig
-from experiments.configs.default import CONFIG as DEFAULT
+from ..config import EvalConfig, OptimizerConfig, ScheduleConfig
+from .default import CONFIG as DEFAULT
 
 _LOW_RANK = {"learning_rate": 1e-2, "rank": 16, "update_proj_gap": 50}
 

@@ -1,5 +1,6 @@
 """The command line: overrides, and bad input answered by one line, exit status 2, nothing written."""
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -38,12 +39,67 @@ def test_overrides_reach_every_section():
     (["--config", "smoke", "--optimizers.1.rank", "64"], "rank=64"),
     (["--config", "smoke", "--model.num-heads", "3"], "model: d_model=32"),
     (["--config", "smoke", "--data.source", "text"], "needs data.paths"),
+    (["--config", "smoke", "--schedule.step", "10"], "did you mean --schedule.steps?"),
+    (["--config", "smoke", "--optimizers.0.rank", "4"],
+     "optimizers.0 is adamw, which has no rank (recipes with it: galore, fira, apollo, q_galore)"),
+    (["--config", "smoke", "--optimizers.5.name", "mezo"],
+     "the config has 4 optimizer(s); add new ones in order, from --optimizers.4.name"),
+    (["--config", "smoke", "--optimizers.3.weight-bits", "4"], "--optimizers.3.weight-bits"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path, capsys):
     assert main([*args, "--log.output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_help_shows_each_slot_with_its_recipe_fields_only(capsys):
+    """One line per field (-H for the descriptions), no reST markup, and each optimizer slot
+    lists its own recipe's fields: adamw has no rank, galore no zo_eps."""
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and len(out.splitlines()) < 160, len(out.splitlines())
+    assert "``" not in out and ":class:" not in out and ":mod:" not in out
+    slot0 = out[out.index("optimizers.0 options"):out.index("optimizers.1 options")]
+    slot1 = out[out.index("optimizers.1 options"):out.index("data options")]
+    assert "--optimizers.0.adam-bits" in slot0 and "rank" not in slot0
+    assert "--optimizers.1.rank" in slot1 and "--optimizers.1.projector" in slot1
+    assert "zo-eps" not in out and "density" not in out
+
+
+def test_optimizers_are_added_and_replaced_from_the_command_line():
+    config = parse(["--config", "smoke", "--optimizers.4.name", "mezo",
+                    "--optimizers.4.zo-samples", "2", "--optimizers.5.learning-rate", "1e-3",
+                    "--optimizers.0.name", "apollo_mini", "--optimizers.1.name=galore",
+                    "--optimizers.1.rank", "4"])
+    names = [(type(o).__name__, o.display_name) for o in config.optimizers]
+    assert names == [("ApolloMiniConfig", "apollo_mini"), ("GaLoreConfig", "galore-svd"),
+                     ("GaLoreConfig", "galore-svd-layerwise"),
+                     ("QGaLoreConfig", "q_galore-int8-layerwise"), ("MezoConfig", "mezo"),
+                     ("AdamWConfig", "adamw")]
+    smoke = parse(["--config", "smoke"])
+    assert config.optimizers[0].scale == 128.0  # the recipe's own default, not the slot's
+    assert config.optimizers[1] == dataclasses.replace(smoke.optimizers[1], rank=4)  # kept
+    assert config.optimizers[4].zo_samples == 2 and config.optimizers[5].learning_rate == 1e-3
+
+
+def test_a_run_config_of_the_flat_format_still_loads(tmp_path):
+    """Run directories written before the per-recipe classes hold every recipe's fields in each
+    optimizer; the other recipes' fields are dropped, an unknown one is an error."""
+    import json
+
+    from experiments.config import to_json_dict
+
+    smoke = parse(["--config", "smoke"])
+    data = {**to_json_dict(smoke), "optimizer": {
+        **to_json_dict(smoke.optimizers[1]), "zo_eps": 1e-3, "density": 0.25, "subspace": "svd"}}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert parse(["--config", str(tmp_path / "config.json")]).optimizers == smoke.optimizers[1:2]
+    data["optimizer"]["rnak"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="rnak"):
+        parse(["--config", str(tmp_path / "config.json")])
 
 
 def test_parse_raises_config_error():
@@ -57,7 +113,8 @@ def test_cli_exit_status_in_a_subprocess(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: unknown config 'missing'; available: default, int8_quality, memory_7b, smoke, sweep"]
+        "error: unknown config 'missing'; available: default, int8_quality, memory_7b, quality, "
+        "smoke, sweep"]
 
 
 

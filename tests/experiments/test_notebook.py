@@ -23,4 +23,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     shown = [o for o in outputs if o.get("output_type") == "display_data"]
     assert any("text/markdown" in o["data"] and "galore-svd" in o["data"]["text/markdown"] for o in shown)
     assert sum("image/png" in o["data"] for o in shown) == 2
-    assert (tmp_path / "runs" / "quickstart" / "loss.png").exists()
+    # one run directory per size (a re-run after changing the size starts its own run)
+    (run,) = (tmp_path / "runs").glob("quickstart-*")
+    assert run.name == "quickstart-d32-l1-b1-s8-r8" and (run / "loss.png").exists()
+    assert "REPO_URL" in nb.cells[1].source and "<owner>" not in nb.cells[1].source

@@ -157,14 +157,14 @@ def test_cli_picks_new_recipes_and_their_hyperparameters():
     config = parse(["--config", "smoke", "--optimizers.1.name", "apollo_mini"])
     o = config.optimizers[1]
     assert o.display_name == "apollo_mini"
-    assert (o.resolved("scale"), o.resolved("projector"), o.resolved("scale_type")) == (
+    assert (o.scale, o.projector, o.scale_type) == (
         128.0, "random", "tensor")
 
     config = parse(["--config", "smoke", "--optimizers.1.name", "q_galore",
                     "--optimizers.1.proj-bits", "8", "--optimizers.1.no-lazy",
                     "--optimizers.1.scale", "0.5"])
     o = config.optimizers[1]
-    assert (o.proj_bits, o.lazy, o.resolved("scale")) == (8, False, 0.5)
+    assert (o.proj_bits, o.lazy, o.scale) == (8, False, 0.5)
     with pytest.raises(ConfigError, match="proj-bits"):
         parse(["--config", "smoke", "--optimizers.1.proj-bits", "3"])
 
@@ -175,9 +175,10 @@ def test_default_labels_and_recipe_defaults():
     assert OptimizerConfig(name="apollo").display_name == "apollo-random"
     assert OptimizerConfig(name="frugal", subspace="columns").display_name == "frugal-columns"
     assert OptimizerConfig(name="q_galore", label="qg").display_name == "qg"
-    assert OptimizerConfig(name="galore").resolved("scale") == 0.25
-    assert OptimizerConfig(name="apollo").resolved("scale") == 1.0
-    assert OptimizerConfig(name="apollo").resolved("scale_type") == "channel"
+    assert OptimizerConfig(name="galore").scale == 0.25
+    assert OptimizerConfig(name="apollo").scale == 1.0
+    assert OptimizerConfig(name="apollo").scale_type == "channel"
+    assert OptimizerConfig(name="apollo_mini").scale_type == "tensor"
 
 
 def test_validate_checks_recipe_hyperparameters():
@@ -185,10 +186,10 @@ def test_validate_checks_recipe_hyperparameters():
                     "--optimizers.1.density", "1.5"])
     with pytest.raises(ConfigError, match="density=1.5"):
         validate(config)
-    # rank only matters to the low-rank recipes: frugal and apollo_mini ignore it.
+    # rank is a field of the low-rank recipes only: frugal and apollo_mini have none.
     for name in ("frugal", "apollo_mini"):
-        validate(parse(["--config", "smoke", "--optimizers.1.name", name,
-                        "--optimizers.1.rank", "64"]))
+        with pytest.raises(ConfigError, match=f"optimizers.1 is {name}, which has no rank"):
+            parse(["--config", "smoke", "--optimizers.1.name", name, "--optimizers.1.rank", "64"])
     with pytest.raises(ConfigError, match="rank=64"):
         validate(parse(["--config", "smoke", "--optimizers.1.name", "fira",
                         "--optimizers.1.rank", "64"]))

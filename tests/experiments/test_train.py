@@ -142,7 +142,7 @@ def test_reference_run_learns_and_writes_its_files(reference):
                                [r["grad_norm"] for r in same], rtol=1e-3)
 
 
-def test_stop_and_resume_is_bit_identical(reference, tmp_path):
+def test_stop_and_resume_is_bit_identical(reference, tmp_path, capsys):
     """GaLore, layerwise GaLore (the larger state: projectors, low-rank moments) and layerwise
     Q-GaLore over INT8 weights (the rounding keys are parameters) stop at 15, resume to 40."""
     config, expected = reference
@@ -152,8 +152,11 @@ def test_stop_and_resume_is_bit_identical(reference, tmp_path):
     stopped = galore_only(_config(tmp_path, stop_after=15))  # a refresh at 10, the next at 20
     run_experiment(stopped)
     assert _records(run.run_dir(stopped, stopped.optimizers[0]))[-1]["step"] == 15
+    capsys.readouterr()
     run_experiment(galore_only(_config(tmp_path)))
+    out = capsys.readouterr().out
     for o in stopped.optimizers:
+        assert f"[{o.display_name}] resumed from step 15 (" in out  # also without a progress bar
         _assert_same_records(_records(run.run_dir(stopped, o)), expected[o.display_name])
         info = json.loads((run.run_dir(stopped, o) / "run.json").read_text())
         assert info["started_from_step"] == 15
@@ -183,6 +186,8 @@ def test_resume_after_sigkill_reaches_the_same_losses(reference, tmp_path, cache
     assert KILL_AFTER <= killed_at < STEPS
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "WARNING:absl" not in done.stderr  # orbax's read-only notices are silenced
+    assert "[adamw] resumed from step " in done.stdout
     for o in config.optimizers:
         _assert_same_records(_records(run.run_dir(_config(tmp_path), o)), expected[o.display_name])
     info = json.loads((first.parent / "run.json").read_text())
@@ -208,6 +213,7 @@ def test_incompatible_checkpoint_is_refused_and_left_untouched(reference, overri
     assert main([*CLI, "--log.output-dir", str(root), *override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert "pass --checkpoint.overwrite to train it again from step 0" in err
     assert _digest(root) == before
 
 

@@ -109,7 +109,9 @@ def method_optimizers(base: Config, adamw_lr: float, galore_lr: float) -> dict[s
                                                 label="galore-svd-reset"),
         "fira": OptimizerConfig(name="fira", scale=0.25, label="fira", **low_rank),
         "apollo": OptimizerConfig(name="apollo", label="apollo", **low_rank),
-        "apollo_mini": OptimizerConfig(name="apollo_mini", label="apollo_mini", **low_rank),
+        "apollo_mini": OptimizerConfig(name="apollo_mini", label="apollo_mini",  # rank 1
+                                       learning_rate=galore_lr,
+                                       update_proj_gap=galore.update_proj_gap),
         "frugal-block": OptimizerConfig(name="frugal", subspace="block", density=0.25,
                                         learning_rate=adamw_lr,
                                         update_proj_gap=galore.update_proj_gap,

@@ -232,7 +232,9 @@ def from_json_dict(cls: type, data: dict) -> Any:
     restored from their JSON types).
 
     For :class:`OptimizerConfig`, the class of the recipe ``data["name"]``; keys of other recipes'
-    fields are dropped (a run directory written when every optimizer had every field).
+    fields are dropped, and ``null`` for a field whose default is not ``None`` reads as that
+    default (a run directory written when every optimizer had every field and ``null`` meant
+    "the recipe's default": :func:`legacy_optimizer`).
 
     Raises:
       ConfigError: a key that is not a field of ``cls``, or an unknown recipe name.
@@ -242,15 +244,26 @@ def from_json_dict(cls: type, data: dict) -> Any:
         if name not in RECIPE_CLASSES:
             raise ConfigError(f"unknown optimizer name {name!r}; available: "
                               f"{', '.join(RECIPE_CLASSES)}")
-        cls = RECIPE_CLASSES[name]
-        others = {f for n in RECIPE_CLASSES for f in optimizer_fields(n)}
-        data = {k: v for k, v in data.items() if k in optimizer_fields(name) or k not in others}
+        cls, data = RECIPE_CLASSES[name], legacy_optimizer(data)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{cls.__name__} has no field(s) {unknown}")
     hints = typing.get_type_hints(cls)
     return cls(**{name: _from_json(hints[name], value) for name, value in data.items()})
+
+
+def legacy_optimizer(data: dict) -> dict:
+    """An optimizer's JSON data with the fields of other recipes dropped and ``null`` values of
+    fields that have a non-``None`` default dropped (both written by the flat config of earlier
+    versions); unknown keys are kept (for the caller's error)."""
+    name = data.get("name", "adamw")
+    if name not in RECIPE_CLASSES:
+        return data
+    own = {f.name: f.default for f in dataclasses.fields(RECIPE_CLASSES[name])}
+    others = {f for n in RECIPE_CLASSES for f in optimizer_fields(n)}
+    return {k: v for k, v in data.items()
+            if (k in own and not (v is None and own[k] is not None)) or k not in others}
 
 
 def _from_json(tp: Any, value: Any) -> Any:
@@ -289,6 +302,19 @@ def resume_fingerprint(config: Config, optimizer: OptimizerConfig) -> dict:
     out = {k: full[k] for k in RESUME_SECTIONS}
     out["optimizer"] = to_json_dict(optimizer)
     return out
+
+
+def normalized_fingerprint(saved: dict) -> dict:
+    """A checkpoint's saved fingerprint with its optimizer read as the current recipe classes
+    read it (:func:`legacy_optimizer`): a checkpoint of an earlier version's flat optimizer
+    config resumes when its recipe's fields agree."""
+    if isinstance(saved.get("optimizer"), dict):
+        try:
+            optimizer = from_json_dict(OptimizerConfig, saved["optimizer"])
+        except (ConfigError, TypeError, ValueError):
+            return saved
+        return {**saved, "optimizer": to_json_dict(optimizer)}
+    return saved
 
 
 def fingerprint_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

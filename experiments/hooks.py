@@ -178,7 +178,8 @@ class ReplayLog(Hook):
 
 class Checkpoint(Hook):
     """Saves the state and the data position every ``every`` steps and at ``last``, except while
-    steps are being skipped (the guard's streak), so the newest checkpoint is a learning one."""
+    steps are being skipped under a guard with a limit (its streak), so the newest checkpoint is a
+    learning one; the last step is always saved."""
 
     def __init__(self, mngr, every: int, last: int, start: int, meta: Callable[[], dict]):
         self.mngr, self.every, self.last_step, self.meta = mngr, every, last, meta
@@ -190,10 +191,16 @@ class Checkpoint(Hook):
         return due(step, self.every, self.last_step)
 
     def on_window(self, window: Window) -> None:
-        if not self.due(window.step) or (self.guard is not None and self.guard.streak):
+        if not self.due(window.step) or self._skipping(window.step):
             return
         checkpointing.save(self.mngr, window.step, window.state, self.meta())
         self.last = window.step
+
+    def _skipping(self, step: int) -> bool:
+        """Steps are being skipped under a guard that will stop the run (the last step is
+        always saved: a run that reached it is finished)."""
+        g = self.guard
+        return g is not None and bool(g.limit) and g.streak > 0 and step != self.last_step
 
     def close(self) -> None:
         """Waits for a save in flight, then closes the manager (once)."""

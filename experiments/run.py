@@ -28,8 +28,8 @@ from tqdm import tqdm
 import memjax
 from . import checkpointing, hooks, metrics, optimizers, provenance, trainer
 from .config import (Config, ConfigError, OptimizerConfig, checkpoint_lm_config,
-                     fingerprint_differences,
-                     resume_fingerprint, to_json_dict)
+                     fingerprint_differences, normalized_fingerprint, resume_fingerprint,
+                     to_json_dict)
 from .data import BatchIterator, DataSource, IteratorState
 from memjax.models.lm import LMConfig
 
@@ -65,9 +65,11 @@ def check_resumable(config: Config, optimizer: OptimizerConfig, data_fingerprint
     """The step a run will start from; raises :class:`ConfigError` if its directory holds a
     checkpoint that this config cannot continue (nothing is written). With
     ``checkpoint.overwrite`` a run always starts from step 0."""
+    if config.checkpoint.overwrite:
+        return 0
     directory = run_dir(config, optimizer)
     latest = checkpointing.latest_meta(directory / "checkpoints")
-    if latest is None or config.checkpoint.overwrite:
+    if latest is None:
         return 0
     step, meta = latest
     way_out = ("pass --checkpoint.overwrite to train it again from step 0 (deleting its "
@@ -76,7 +78,8 @@ def check_resumable(config: Config, optimizer: OptimizerConfig, data_fingerprint
         raise ConfigError(
             f"{directory} already holds checkpoints (step {step}) and checkpoint.resume is False; "
             f"{way_out}")
-    diffs = fingerprint_differences(meta["fingerprint"], resume_fingerprint(config, optimizer))
+    diffs = fingerprint_differences(normalized_fingerprint(meta["fingerprint"]),
+                                    resume_fingerprint(config, optimizer))
     if diffs:
         more = f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""
         raise ConfigError(
@@ -131,6 +134,9 @@ def format_memory(label: str, mem: dict) -> str:
 def _write_provenance(directory: pathlib.Path, config: Config, optimizer: OptimizerConfig,
                       data_fingerprint: str, start: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    # re-running the saved config resumes the run: it must not overwrite it again
+    config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint,
+                                                                        overwrite=False))
     provenance.write_json(directory / "config.json",
                           {**to_json_dict(config), "optimizer": to_json_dict(optimizer)})
     provenance.write_json(directory / "run.json", {
@@ -269,20 +275,25 @@ def train(config: Config, optimizer: OptimizerConfig, mesh: jax.sharding.Mesh,
         with hooks.deferred_interrupt() as interrupted:
             state = _loop(tr, state, batches, to_device, hook_list, start, stop,
                           config.log.log_every, tokens_per_step, interrupted)
-        digest = trainer.params_digest(state.params)
-        bar.write(f"[{label}] process {jax.process_index()}/{jax.process_count()}: step {stop}, "
-                  f"params sha256 {digest}")
-        if primary:
-            provenance.write_json(directory / "final.json", {"step": stop, "params_sha256": digest})
-        if config.checkpoint.export_hf and stop == s.steps:
-            export_hf(config, optimizer, state.params, directory / "hf", primary)
+            digest = trainer.params_digest(state.params)
+            bar.write(f"[{label}] process {jax.process_index()}/{jax.process_count()}: step "
+                      f"{stop}, params sha256 {digest}")
+            if primary:
+                provenance.write_json(directory / "final.json",
+                                      {"step": stop, "params_sha256": digest})
+            if config.checkpoint.export_hf and stop == s.steps:
+                export_hf(config, optimizer, state.params, directory / "hf", primary)
+            if _any_process(interrupted()):  # during the last window: no next optimizer
+                raise hooks.Interrupted(stop)
     except KeyboardInterrupt as err:
         if primary:
             checkpoint = next(h for h in hook_list if isinstance(h, hooks.Checkpoint))
             checkpoint.close()  # an asynchronous save in flight completes first
             where = f" at step {err.step}" if isinstance(err, hooks.Interrupted) else ""
-            resume = (f"run the same command to resume from step {checkpoint.last}"
-                      if checkpoint.last else "no checkpoint yet: the same command starts over")
+            again = ("run it again without --checkpoint.overwrite" if config.checkpoint.overwrite
+                     else "run the same command")
+            resume = (f"{again} to resume from step {checkpoint.last}" if checkpoint.last
+                      else "no checkpoint yet: the same command starts over")
             print(f"\n[{label}] interrupted{where}; {resume}", file=sys.stderr, flush=True)
         raise
     finally:
@@ -295,10 +306,13 @@ def _loop(tr: trainer.Trainer, state: trainer.TrainState, batches: BatchIterator
           hook_list: list[hooks.Hook], start: int, stop: int, log_every: int,
           tokens_per_step: int, interrupted) -> trainer.TrainState:
     """Steps ``start + 1 .. stop``; a window of metrics is fetched and handed to the hooks every
-    ``log_every`` steps and whenever a hook is due. Ctrl-C stops it between steps."""
+    ``log_every`` steps and whenever a hook is due. Ctrl-C stops it between steps; with several
+    processes, at the end of a window, once every process has seen the same flag (they stop at
+    the same step, or the others would wait in the next collective)."""
     pending, window_start, warm = [], time.perf_counter(), False
+    single = jax.process_count() == 1
     for step in range(start + 1, stop + 1):
-        if interrupted():
+        if single and interrupted():
             raise hooks.Interrupted(step - 1)
         state, step_metrics, record = tr.step(state, to_device(next(batches)))
         pending.append((step_metrics, record))
@@ -311,8 +325,17 @@ def _loop(tr: trainer.Trainer, state: trainer.TrainState, batches: BatchIterator
         for hook in hook_list:
             hook.on_window(window)
         pending, warm = [], True
+        if not single and step < stop and _any_process(interrupted()):
+            raise hooks.Interrupted(step)
         window_start = time.perf_counter()
     return state
+
+
+def _any_process(flag: bool) -> bool:
+    """``flag`` of any process (every process must call this at the same point)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def hooks_for(config: Config, optimizer: OptimizerConfig, tr: trainer.Trainer,

@@ -91,11 +91,20 @@ def test_a_run_config_of_the_flat_format_still_loads(tmp_path):
 
     from experiments.config import to_json_dict
 
+    from experiments.config import (fingerprint_differences, normalized_fingerprint,
+                                    resume_fingerprint)
+
     smoke = parse(["--config", "smoke"])
-    data = {**to_json_dict(smoke), "optimizer": {
-        **to_json_dict(smoke.optimizers[1]), "zo_eps": 1e-3, "density": 0.25, "subspace": "svd"}}
+    flat = {**to_json_dict(smoke.optimizers[1]), "zo_eps": 1e-3, "density": 0.25,
+            "subspace": "svd", "scale": None, "projector": None}  # null: "the recipe's default"
+    data = {**to_json_dict(smoke), "optimizer": flat}
     (tmp_path / "config.json").write_text(json.dumps(data))
     assert parse(["--config", str(tmp_path / "config.json")]).optimizers == smoke.optimizers[1:2]
+    # a checkpoint written with the flat optimizer resumes under the recipe class
+    saved = {**resume_fingerprint(smoke, smoke.optimizers[1]), "optimizer": flat}
+    assert fingerprint_differences(saved, resume_fingerprint(smoke, smoke.optimizers[1]))
+    assert not fingerprint_differences(normalized_fingerprint(saved),
+                                       resume_fingerprint(smoke, smoke.optimizers[1]))
     data["optimizer"]["rnak"] = 3
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="rnak"):

@@ -47,6 +47,20 @@ def test_consecutive_skipped_steps_stop_the_run(tmp_path, capsys):
     assert not any((tmp_path / "smoke" / "adamw" / "checkpoints").glob("[0-9]*"))
 
 
+def test_the_guard_vetoes_checkpoints_only_while_it_can_stop_the_run():
+    from experiments import hooks
+
+    checkpoint = hooks.Checkpoint(None, every=5, last=20, start=0, meta=dict)
+    guard = hooks.SkipGuard(20, "adamw", checkpoint)
+    checkpoint.guard = guard
+    guard.streak = 3
+    assert checkpoint._skipping(10) and not checkpoint._skipping(20)  # the last step: saved
+    guard.limit = 0  # never stops the run: never vetoes
+    assert not checkpoint._skipping(10)
+    guard.limit, guard.streak = 20, 0
+    assert not checkpoint._skipping(10)
+
+
 def test_ctrl_c_says_where_to_resume(tmp_path):
     cmd = [sys.executable, "-m", "experiments.train", *ADAMW, "--log.output-dir", str(tmp_path),
            "--schedule.steps", "100000", "--checkpoint.every", "5", "--log.log-every", "1"]

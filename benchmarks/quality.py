@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import sys
 
-from experiments import configs, metrics, provenance
+from experiments import configs, metrics, provenance, report
 from experiments.config import Config, OptimizerConfig, to_json_dict
 
 ADAMW_LRS = (1.5e-3, 3e-3, 6e-3)
@@ -168,14 +168,12 @@ def train(base: Config, runs: list[Run], out: pathlib.Path, workers: int) -> Non
 
 
 def summarize(directory: pathlib.Path) -> dict:
-    """Best and final validation loss, median warm step time, memory of one run."""
-    records = metrics.read(directory / "metrics.jsonl")
-    val = [r["loss"] for r in records if r["split"] == "val"]
-    train = [r for r in records if r["split"] == "train"]
-    warm = [r["step_time"] for r in train if r.get("warm")] or [r["step_time"] for r in train]
-    mem = json.loads((directory / "memory.json").read_text())
-    return {"best_val": min(val), "final_val": val[-1], "step_ms": 1e3 * statistics.median(warm),
-            "opt_state_mb": mem["opt_state_bytes"] / MB, "step_mb": mem["step_peak_bytes"] / MB}
+    """Best and final validation loss, step time and memory of one run (the trainer's summary
+    row, :func:`experiments.report.summarize`, plus the best validation loss)."""
+    row = report.summarize(directory.name, directory)
+    val = [r["loss"] for r in metrics.read(directory / "metrics.jsonl") if r["split"] == "val"]
+    return {"best_val": min(val), "final_val": row["final_val_loss"], "step_ms": row["step_ms"],
+            "opt_state_mb": row["opt_state_mb"], "step_mb": row["step_memory_mb"]}
 
 
 def best_lr(out: pathlib.Path, runs: list[Run]) -> tuple[float, dict[float, float]]:

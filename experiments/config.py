@@ -18,8 +18,8 @@ import json
 import typing
 from typing import Any, Literal
 
-from .recipes import (LOW_RANK_RECIPES, RECIPE_CLASSES, GradientConfig, MezoConfig,  # noqa: F401
-                      OptimizerConfig, OptimizerName, optimizer_fields)  # (re-exports)
+from .recipes import (RECIPE_CLASSES, GradientConfig, MezoConfig,  # noqa: F401 (re-exports)
+                      OptimizerConfig, OptimizerName, optimizer_fields)
 
 DataSourceName = Literal["stdlib", "text", "tokens", "selective_copy", "mqar", "hf"]
 
@@ -468,7 +468,7 @@ def _validate_optimizer(config: Config, o: OptimizerConfig) -> None:
         raise ConfigError(f"optimizer {o.display_name}: adam_bits={o.adam_bits!r} must be 32 or 8")
     if o.name == "frugal" and not 0 < o.density <= 1:
         raise ConfigError(f"optimizer {o.display_name}: density={o.density} must be in (0, 1]")
-    if o.name in LOW_RANK_RECIPES and o.rank >= min(config.model.d_model, config.model.ffn_dim):
+    if hasattr(o, "rank") and o.rank >= min(config.model.d_model, config.model.ffn_dim):
         raise ConfigError(
             f"optimizer {o.display_name}: rank={o.rank} must be smaller than "
             f"min(model.d_model, model.ffn_dim)={min(config.model.d_model, config.model.ffn_dim)}")

@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .config import LOW_RANK_RECIPES, Config, ConfigError, validate
+from .config import Config, ConfigError, validate
 
 GiB = 2**30
 
@@ -127,7 +127,7 @@ def at_preset(config: Config, preset: str, *, seq_len: int = 256, batch_size: in
     optimizers = []
     for o in config.optimizers:
         o = dataclasses.replace(o, label=o.display_name, **(
-            {"rank": rank} if rank is not None and o.name in LOW_RANK_RECIPES else {}))
+            {"rank": rank} if rank is not None and hasattr(o, "rank") else {}))
         optimizers.append(o)
         if layerwise_rows and o.name != "mezo" and not o.layerwise:
             optimizers.append(dataclasses.replace(o, layerwise=True, label=f"{o.label}-layerwise"))

@@ -306,9 +306,3 @@ class MezoConfig(OptimizerConfig):
     its own shard and all-gathers one int8 code per sample; parameters are replicated, so
     mesh.fsdp must be 1). The replay log (step key, codes, lr per step) is saved next to the
     checkpoints as replay_log.npz: initial parameters + log = the current parameters."""
-
-
-LOW_RANK_RECIPES = ("galore", "fira", "apollo", "q_galore")
-"""Recipes with a projection ``rank`` (apollo_mini is rank 1, frugal uses ``density``)."""
-ADAM_8BIT_RECIPES = tuple(n for n, c in RECIPE_CLASSES.items() if issubclass(c, _Adam8bitFields))
-"""Recipes whose Adam moments can be 8-bit (``adam_bits=8``; q_galore is always 8-bit)."""

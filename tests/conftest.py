@@ -22,3 +22,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort): xdist hands them out before the short ones, so no long
+    test starts last on one worker while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

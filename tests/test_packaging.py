@@ -58,6 +58,7 @@ def test_wheel_console_scripts(wheel):
                                                "memjax-memory": "memjax_experiments.memory:main"}
 
 
+@pytest.mark.slow
 def test_console_script_runs_outside_the_repository(tmp_path):
     """The installed ``memjax-train`` works from any folder, one holding its own ``experiments/``
     included (which ``python -m experiments.train`` would pick up)."""

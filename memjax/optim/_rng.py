@@ -34,9 +34,14 @@ def _rotate_left(x: jax.Array, d: int) -> jax.Array:
     return jax.lax.shift_left(x, jnp.uint32(d)) | jax.lax.shift_right_logical(x, jnp.uint32(32 - d))
 
 
+@jax.jit
 def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array,
                  x2: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Threefry-2x32 (20 rounds) of counters ``(x1, x2)`` under key ``(k1, k2)``, unrolled.
+
+    Jitted so that its 60-odd integer ops are traced once per input shape and reused as one call
+    (XLA inlines it, so it still fuses into the caller's loop): traced inline, every ``tx.init``
+    of a tree with many leaves spent seconds in Python building the same ops again.
 
     Args:
       k1, k2: uint32 scalars, the key words.

@@ -116,6 +116,7 @@ def test_parse_raises_config_error():
         parse(["--nope"])
 
 
+@pytest.mark.slow
 def test_cli_exit_status_in_a_subprocess(tmp_path):
     done = subprocess.run([sys.executable, "-m", "experiments.train", "--config", "missing"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
@@ -127,6 +128,7 @@ def test_cli_exit_status_in_a_subprocess(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_rerunning_a_saved_run_config_reproduces_its_metrics(tmp_path):
     """``--config <run>/config.json`` rebuilds the run (only its optimizer) and, on CPU, gives the
     same losses at every step."""
@@ -165,6 +167,7 @@ def _tfrecords(path):
     return out
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_the_logged_metrics(tmp_path):
     from tensorboardX.proto import event_pb2
 

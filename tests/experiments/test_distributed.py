@@ -6,6 +6,8 @@ import pathlib
 import re
 import sys
 
+import pytest
+
 from experiments import metrics
 from tests.processes import free_port, run_together
 
@@ -13,6 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 6
 
 
+@pytest.mark.slow
 def test_two_processes_hold_identical_params(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}

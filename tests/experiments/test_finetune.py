@@ -46,6 +46,7 @@ def args(checkpoint, out, *extra):
             "--log.no-plots", "--memory-presets", "--log.output-dir", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_fine_tune_a_checkpoint_with_its_tokenizer_then_export(checkpoint, tmp_path):
     config = parse(args(checkpoint, tmp_path, "--checkpoint.export-hf", "--select", "galore-svd",
                         "--optimizers.1.rank", "4", "--optimizers.1.update-proj-gap", "2"))
@@ -88,6 +89,7 @@ def test_inconsistent_settings_are_refused(checkpoint, tmp_path, extra, match):
 
 
 
+@pytest.mark.slow
 def test_every_recipe_trains_a_loaded_model(checkpoint, tmp_path):
     """The recipes of the sweep with their own code paths (GaLore as the layerwise step; FRUGAL's
     blocks; Q-GaLore's INT4 projector and 8-bit Adam; MeZO's zeroth-order step), two steps each

@@ -146,6 +146,7 @@ def test_missing_files_and_unsavable_models(tmp_path):
         save_pretrained(mamba, tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_grouped_query_attention_equals_multi_head_with_shared_heads():
     """Independent reference: GQA with K = 2 of H = 4 heads is multi-head attention whose k / v
     projections repeat each of the K heads' columns for its H / K query heads."""
@@ -171,6 +172,7 @@ def test_grouped_query_attention_equals_multi_head_with_shared_heads():
         CausalSelfAttention(d, heads, num_kv_heads=3, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_readme_fine_tuning_example_runs(monkeypatch):
     from tests.readme import README, run_block
 

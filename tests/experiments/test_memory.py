@@ -21,6 +21,7 @@ def smoke_rows():
     return memory.plan(config)
 
 
+@pytest.mark.slow
 def test_rows_are_the_compiled_steps(smoke_rows):
     adamw, galore, layerwise, int8, mezo = smoke_rows
     assert [r["label"] for r in smoke_rows] == ["adamw", "galore-svd", "galore-svd-layerwise",
@@ -56,6 +57,7 @@ def test_layerwise_rows_count_one_layer_of_gradients():
     assert memory.gradient_bytes(params, OptimizerConfig(name="mezo")) == 0
 
 
+@pytest.mark.slow
 def test_cli_json_and_plot(tmp_path, capsys):
     plot = tmp_path / "memory.png"
     assert memory.main(["--config", "smoke", "--json", "--plot", str(plot),

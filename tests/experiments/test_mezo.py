@@ -5,6 +5,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import configs, metrics, optimizers, run, trainer
 from experiments.config import (
@@ -35,6 +36,7 @@ def _records(config):
     return metrics.read(run.run_dir(config, config.optimizers[0]) / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_mezo_trains_and_needs_less_memory_than_adamw(tmp_path):
     straight = _config(tmp_path / "straight")
     run_experiment(straight)
@@ -57,6 +59,7 @@ def test_mezo_trains_and_needs_less_memory_than_adamw(tmp_path):
     assert mem["mezo"]["step_peak_bytes"] < mem["adamw"]["step_peak_bytes"]
 
 
+@pytest.mark.slow
 def test_shared_seed_mezo_resumes_exactly_and_a_worker_joins_by_replay(tmp_path):
     """8 data-parallel workers (mesh.fsdp = 1); the replay log is saved with every checkpoint."""
     shared = OptimizerConfig(name="mezo", learning_rate=1e-3, zo_shared_seed=True, weight_decay=0.1)

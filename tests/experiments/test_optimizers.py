@@ -78,6 +78,7 @@ def adamw_state_bytes(lm_params):
     return memjax.optim.state_bytes(jax.eval_shape(tx.init, lm_params[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", list(CONFIGS))
 def test_recipe_builds_on_stacked_parameters(label, lm_params, adamw_state_bytes):
     params, p_sh = lm_params
@@ -117,6 +118,7 @@ def batch():
                                        np.ones((BATCH, SEQ - 1), np.float32)), 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", TRAINED)
 def test_recipe_trains_through_the_trainer(label, batch):
     tx, lr = optimizers.build(CONFIGS[label], SCHEDULE)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from experiments import metrics, report
 from experiments.train import main
 
@@ -19,6 +21,7 @@ def _train(tmp_path, *args):
     return main([*ADAMW, "--log.output-dir", str(tmp_path), *args])
 
 
+@pytest.mark.slow
 def test_overwrite_trains_a_changed_run_again_from_step_0(tmp_path, capsys):
     run = tmp_path / "smoke" / "adamw"
     assert _train(tmp_path, "--schedule.steps", "6") == 0
@@ -31,6 +34,7 @@ def test_overwrite_trains_a_changed_run_again_from_step_0(tmp_path, capsys):
     assert "resumed" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_consecutive_skipped_steps_stop_the_run(tmp_path, capsys):
     """A learning rate of 1e9 overflows every update from the first steps on: each step is
     skipped (parameters and state unchanged); after the limit the run ends with status 1, and
@@ -61,6 +65,7 @@ def test_the_guard_vetoes_checkpoints_only_while_it_can_stop_the_run():
     assert not checkpoint._skipping(10)
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_where_to_resume(tmp_path):
     cmd = [sys.executable, "-m", "experiments.train", *ADAMW, "--log.output-dir", str(tmp_path),
            "--schedule.steps", "100000", "--checkpoint.every", "5", "--log.log-every", "1"]

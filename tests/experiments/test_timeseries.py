@@ -100,6 +100,7 @@ def test_baselines_on_a_periodic_series():
     assert scores["seasonal naive (m=4)"] == 0.0 and scores["last value"] > 0.1
 
 
+@pytest.mark.slow
 def test_short_training_lowers_validation_mse():
     history = ts.train_forecaster("elnino", steps=40, seed=0, window=24, batch_size=16, d_model=8,
                                   num_layers=1, d_state=4, learning_rate=1e-2, eval_every=20)

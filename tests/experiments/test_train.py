@@ -111,6 +111,7 @@ def _assert_same_records(records, expected):
             assert got["grad_norm"] == ref["grad_norm"]
 
 
+@pytest.mark.slow
 def test_reference_run_learns_and_writes_its_files(reference):
     config, records = reference
     mem = {}
@@ -142,6 +143,7 @@ def test_reference_run_learns_and_writes_its_files(reference):
                                [r["grad_norm"] for r in same], rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_bit_identical(reference, tmp_path, capsys):
     """GaLore, layerwise GaLore (the larger state: projectors, low-rank moments) and layerwise
     Q-GaLore over INT8 weights (the rounding keys are parameters) stop at 15, resume to 40."""
@@ -162,6 +164,7 @@ def test_stop_and_resume_is_bit_identical(reference, tmp_path, capsys):
         assert info["started_from_step"] == 15
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_same_losses(reference, tmp_path, cache_dir):
     config, expected = reference
     cmd = [sys.executable, "-m", "experiments.train", *CLI, "--log.output-dir", str(tmp_path)]
@@ -201,6 +204,7 @@ def _digest(root):
     return h.hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     (["--model.d-model", "48"], "incompatible config: model.d_model: saved 32, now 48"),
     (["--optimizers.1.rank", "4"], "incompatible config: optimizer.rank: saved 8, now 4"),
@@ -217,6 +221,7 @@ def test_incompatible_checkpoint_is_refused_and_left_untouched(reference, overri
     assert _digest(root) == before
 
 
+@pytest.mark.slow
 def test_report_table_and_plots(reference, tmp_path):
     config, _ = reference
     dirs = {o.display_name: run.run_dir(config, o) for o in config.optimizers}
@@ -242,6 +247,7 @@ def test_parameters_and_optimizer_state_are_sharded_by_logical_names():
     assert big and not any(s.is_fully_replicated for s in big)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch_and_nonfinite_steps_are_skipped():
     mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1), jax.devices()[:1])
     lm = lm_preset("tiny", num_layers=1, max_length=16)

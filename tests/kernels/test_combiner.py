@@ -72,6 +72,7 @@ def _ops_and_reference():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, causal", COMBOS)
 def test_forward_and_gradients_match_reference(mode, causal):
     ops, reference = (results[mode, causal] for results in _ops_and_reference())

@@ -101,6 +101,7 @@ def output_and_grads(fn, q, k, v, cotangent):
 
 # --- reference.py against the NumPy loop -------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("decay", [None, DECAY])
 @pytest.mark.parametrize("normalize", [False, True])
@@ -125,6 +126,7 @@ def test_references_match_numpy_loop(causal, decay, normalize):
 
 # --- chunked (impl="xla") against the references -----------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("decay", [None, DECAY])
 @pytest.mark.parametrize("normalize", [False, True])

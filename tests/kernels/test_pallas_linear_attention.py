@@ -104,6 +104,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference_float32(case):
     backend, shape, options, input_options = CASES[case]

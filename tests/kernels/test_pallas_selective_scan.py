@@ -104,6 +104,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference_float32(case):
     backend, shape, options, kernel_options = CASES[case]
@@ -112,6 +113,7 @@ def test_matches_reference_float32(case):
                              **kernel_options)
 
 
+@pytest.mark.slow
 def test_tpu_interpreter():
     """The "tpu" kernels under the TPU-faithful interpreter (sequential grid, VMEM scratch that
     starts as NaN, so a read before the first write would show)."""
@@ -122,6 +124,7 @@ def test_tpu_interpreter():
                              interpret=pltpu.InterpretParams())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["triton", "tpu"])
 def test_matches_reference_bfloat16(backend):
     inputs = make_inputs(2, 13, 8, 4, ALL_OPTIONS, dtype=jnp.bfloat16, state=False)
@@ -150,6 +153,7 @@ def test_invalid_arguments():
         selective_scan_pallas(**inputs, block_d=64, backend="tpu")
 
 
+@pytest.mark.slow
 def test_memory_grows_with_channels_not_channels_times_state():
     """Compiled temp memory of grad(sum(scan)) from N = 4 to N = 32 grows far less than one
     (batch, L, D, N) float32 tensor would (the reference, which stores every state, grows more).
@@ -185,6 +189,7 @@ def test_memory_grows_with_channels_not_channels_times_state():
 # Lowering for the real backends, without the hardware: Triton (GPU) and Mosaic (TPU).
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform, backend", [("cuda", "triton"), ("tpu", "tpu")])
 def test_export_lowers_forward_and_gradient(platform, backend):
     batch, length, channels, n_state = 2, 100, 256, 16

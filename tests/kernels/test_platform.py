@@ -76,6 +76,7 @@ def case(request):
         forward_and_gradient(reference, len(args)), args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platforms", sorted(EXPECTED_CALLS, key=len))
 def test_export_holds_each_platforms_kernel(case, platforms):
     name, public, reference, args = case
@@ -92,6 +93,7 @@ def test_export_holds_each_platforms_kernel(case, platforms):
                                            err_msg=f"{name} {kind}")
 
 
+@pytest.mark.slow
 def test_vmap_exports_per_platform():
     """A batched kernel (vmap over a leading axis) still lowers per platform."""
     public, _, args = scan_case()
@@ -104,6 +106,7 @@ def test_vmap_exports_per_platform():
                                np.asarray(public(*args)), **F32)
 
 
+@pytest.mark.slow
 def test_auto_is_xla_on_cpu_and_pallas_runs_the_interpreter():
     for make in CASES.values():
         public, reference, args = make()

@@ -99,6 +99,7 @@ def _ops_and_reference():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_forward_and_gradients_match_reference(causal):
     (out, grads, forward), (ref, ref_grads, ref_forward) = (r[causal] for r in _ops_and_reference())
@@ -318,6 +319,7 @@ def _sweep_results():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_scatterbrain_beats_local_and_performer_over_temperatures(causal, record_property):
     """Chen et al. 2021: sparse + low rank is more accurate than either alone, at every entropy.

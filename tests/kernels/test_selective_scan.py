@@ -96,6 +96,7 @@ def test_reference_matches_numpy_loop(options):
     "length,options,chunk_size",
     [(1, "plain", 4), (7, "z_bias", 4), (33, "D_softplus", 4), (64, "plain", None), (64, "all", 4)],
 )
+@pytest.mark.slow
 def test_xla_forward_matches_reference(length, options, chunk_size):
     """Forward only; `chunk_size=None` uses the default chunk and `impl="auto"` under an outer jit."""
     opts = OPTION_SETS[options]
@@ -131,6 +132,7 @@ def _value_and_grads(fn, args, softplus, **kw):
     return y, last, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length,chunk_method", [(1, "sequential"), (33, "sequential"), (33, "associative")])
 def test_xla_forward_and_gradients_match_reference(length, chunk_method):
     """All options on; length 33 with chunk 4 is 9 balanced chunks of 4 with 3 padded steps."""
@@ -143,6 +145,7 @@ def test_xla_forward_and_gradients_match_reference(length, chunk_method):
         np.testing.assert_allclose(a, b, **F32_TOL, err_msg=name)
 
 
+@pytest.mark.slow
 def test_bfloat16_inputs_forward_and_gradients():
     """bf16 inputs against the float32 reference on the same (bf16-rounded) values: rtol 3e-2, atol 5e-2."""
     args16 = make_inputs(33, OPTION_SETS["all"], seed=3, dtype=jnp.bfloat16)
@@ -200,6 +203,7 @@ def test_state_update_steps_match_parallel_scan():
     np.testing.assert_allclose(state, last_par, **F32_TOL)
 
 
+@pytest.mark.slow
 def test_chunked_backward_memory_is_below_one_full_state_tensor():
     """The chunked scan never keeps a (batch, length, channels, N) tensor; the reference keeps several."""
     batch, length, channels, n = 1, 512, 32, 32

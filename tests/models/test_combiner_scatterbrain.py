@@ -89,6 +89,7 @@ def _results():
     return x, run(states, x, x_future, x_last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_shapes_and_causality(name):
     x, results = _results()
@@ -100,6 +101,7 @@ def test_shapes_and_causality(name):
     assert not np.allclose(y_future[:, t + 1 :], y[:, t + 1 :])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_bidirectional_sees_the_future(name):
     _, results = _results()

@@ -62,6 +62,7 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature_map, decay, output", CONFIGS)
 def test_parallel_equals_decode_step(feature_map, decay, output):
     module = make(feature_map=feature_map, decay=decay, output=output)

@@ -93,6 +93,7 @@ def test_forward_shapes(mixer):
     assert logits.shape == (3, 16, 16) and logits.dtype == jnp.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixer", DECODE_MIXERS)
 def test_cached_decoding_matches_forward(mixer):
     batch, length = 2, 8
@@ -116,6 +117,7 @@ def test_cached_decoding_matches_forward(mixer):
     np.testing.assert_allclose(stepped, full, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_generate_is_greedy_under_the_full_forward():
     model = _build(_config(), seed=2)
     prompt = _tokens((2, 3), 16)
@@ -128,6 +130,7 @@ def test_generate_is_greedy_under_the_full_forward():
     np.testing.assert_array_equal(out[:, 3:], greedy[:, 2:-1])
 
 
+@pytest.mark.slow
 def test_remat_policies_agree():
     tokens = _tokens((2, 8), 16)
 
@@ -178,6 +181,7 @@ def _train_copy_task(config, steps=150, batch=16, period=4, repeats=4, learning_
     return np.asarray(_compile(run, keys)(keys))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixer", ALL_MIXERS)
 def test_loss_decreases_on_copy_task(mixer):
     losses = _train_copy_task(_config(mixer))

@@ -35,6 +35,7 @@ def step(model, x, cache):
     return model.step(x, cache)
 
 
+@pytest.mark.slow
 def test_parallel_form_equals_token_by_token_decode():
     model = Mamba(D_MODEL, **SMALL, rngs=nnx.Rngs(0))
     length = 7
@@ -72,6 +73,7 @@ def test_cache_dtypes_are_kept_by_step():
     )
 
 
+@pytest.mark.slow
 def test_gradient_reaches_every_parameter():
     model = Mamba(D_MODEL, **SMALL, bias=True, rngs=nnx.Rngs(1))
     x = inputs(BATCH, 9, D_MODEL, seed=1)

@@ -43,6 +43,7 @@ def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7, name=None):
         assert_trees_close(a, b, rtol, atol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_matches_eager(name):
     tx = _tx(name)
@@ -53,6 +54,7 @@ def test_jit_matches_eager(name):
     assert all(v > 0 for v in jax.tree.leaves(moved)), moved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_chain_with_clipping(name):
     params = make_params()
@@ -68,6 +70,7 @@ def test_chain_with_clipping(name):
     _assert_trees_close(u, u_ref, rtol=1e-5, atol=1e-7, name=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_inject_hyperparams(name):
     params = make_params()
@@ -88,6 +91,7 @@ def test_inject_hyperparams(name):
     _assert_trees_close(u2, u2_ref, rtol=1e-5, atol=1e-7, name=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_multisteps_accumulates(name):
     params = make_params()
@@ -105,6 +109,7 @@ def test_multisteps_accumulates(name):
     _assert_trees_close(u, u_ref, rtol=1e-5, atol=1e-6, name=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrap", ["apply_if_finite", "builtin"])
 @pytest.mark.parametrize("name", NAMES)
 def test_nonfinite_gradient_changes_nothing(name, wrap):
@@ -124,6 +129,7 @@ def test_nonfinite_gradient_changes_nothing(name, wrap):
                  inner(state).inner_state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_bfloat16_keeps_dtypes(name):
     params = make_params(jnp.bfloat16)

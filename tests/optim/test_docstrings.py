@@ -11,6 +11,7 @@ import memjax.optim
 MODULES = sorted(m.name for m in pkgutil.iter_modules(memjax.optim.__path__))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     module = importlib.import_module(f"memjax.optim.{name}")

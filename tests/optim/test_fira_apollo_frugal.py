@@ -148,6 +148,7 @@ def test_limiter_transform_limits_every_leaf():
 # --------------------------------------------------------------------------------------- Fira
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("paper_form", [False, True])
 def test_fira_matches_numpy_reference(paper_form):
     scale, wd = 0.25, 0.1
@@ -161,6 +162,7 @@ def test_fira_matches_numpy_reference(paper_form):
     assert norms and all(float(n.norm) > 0 for n in norms)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("paper_form", [False, True])
 @pytest.mark.parametrize(("side", "shape", "r"), [("left", (12, 9), 3), ("right", (12, 9), 3),
                                                   ("left", (6, 6), 6), ("right", (6, 6), 6)])
@@ -192,7 +194,12 @@ def test_fira_policy_one_back_projection_equals_the_naive_formula(side, shape, r
             want = scale * up_fn(low_update) + limiter((g - c * up_fn(low_grad)) * phi)
             np.testing.assert_allclose(np.asarray(u), want, rtol=2e-5, atol=2e-6,
                                        err_msg=f"P orthonormal={wrap} t={t}")
-            np.testing.assert_allclose(float(state.norm), limiter.prev, rtol=2e-5)
+            # The limiter's norm is ||S|| for S known entrywise to the atol above: in the square
+            # full-rank case with c = 1, S = G - P P^T G is rounding noise (norm ~1e-7) whose
+            # digits depend on the CPU's summation order, so ||S|| is held to the same bound
+            # (2e-6 per entry, 2e-6 sqrt(mn) in norm), not to 2e-5 of itself.
+            np.testing.assert_allclose(float(state.norm), limiter.prev, rtol=2e-5,
+                                       atol=2e-6 * math.sqrt(m * n))
 
 
 # ------------------------------------------------------------------------------------- APOLLO
@@ -216,6 +223,7 @@ def _random_projector(leaf_index, shape, rank, seed=0):
 LEAF_INDEX = {"a": 0, "b": 1, "bias": 2, "c": 3}  # flatten order of the dict
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["svd_channel", "random_channel_front", "mini"])
 def test_apollo_matches_numpy_reference(variant):
     if variant == "mini":
@@ -277,6 +285,7 @@ def _subspace_matrix(subspace, shape, rank, data):
     ("columns", "sign", False),
     ("rows", "none", True),
 ])
+@pytest.mark.slow
 def test_frugal_matches_numpy_reference(subspace, state_free, reset):
     density, wd, ratio = 0.25, 0.1, 0.5
     tx = memjax.optim.frugal(LR, density=density, subspace=subspace, state_free=state_free,
@@ -316,6 +325,7 @@ def _svd_projector(shape, rank, side):
     return projector
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_frugal_subspaces_are_an_orthogonal_and_a_coordinate_projection(side):
     m, n, rank = 12, 8, 3
@@ -357,6 +367,7 @@ def test_frugal_block_buffers_hold_row_bands_of_the_active_matrices():
 BLOCK_SHAPES = [(24, 16), (16, 24), (20, 20), (12, 28), (30, 8)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["descending", "ascending", "mirror", "random"])
 def test_frugal_block_matches_numpy_reference(order):
     density, gap, steps, seed = 0.4, 3, 13, 7  # 2 of 5 matrices active

@@ -21,6 +21,7 @@ def _grads(shape, seed):
              + 0.3 * rng.standard_normal(shape)).astype(np.float32) for _ in range(STEPS)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
 def test_galore_matches_numpy_reference(shape, proj_type):

@@ -48,6 +48,7 @@ def test_num_batch_dims_still_restricts_the_rule():
     assert labels["a"] is None and labels["b"] == MatrixDims(1, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["galore", "apollo_mini", "fira", "q_galore", "frugal"])
 def test_default_recipes_project_the_stacked_lm(recipe):
     config = lm_preset("tiny_bytes", num_layers=3)

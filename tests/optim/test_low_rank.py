@@ -35,6 +35,7 @@ def test_default_labels_follow_galore():
     assert labels["layers_0"]["mlp"]["up"] == MatrixDims()
 
 
+@pytest.mark.slow
 def test_stacked_layers_are_a_batch_axis():
     params = {"w": jax.random.normal(jax.random.key(0), (3, 24, 10))}
     labels = lambda p: label_matrices(p, rank=4, num_batch_dims=1)  # noqa: E731
@@ -51,6 +52,7 @@ def test_stacked_layers_are_a_batch_axis():
         np.testing.assert_allclose(np.asarray(u["w"][i]), np.asarray(u2["w"]), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dimension_numbers_for_attention_layout():
     # (embed, heads, head_dim) viewed as (embed) x (heads * head_dim).
     params = {"qkv": jax.random.normal(jax.random.key(0), (16, 4, 8))}
@@ -132,6 +134,7 @@ def test_bad_labels_raise():
        projector=st.sampled_from(["svd", "dct", "random"]),
        proj_type=st.sampled_from(["std", "reverse_std", "left", "right", "min_state"]),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
+@pytest.mark.slow
 def test_property_shapes_dtypes_finite(m, n, rank, projector, proj_type, dtype):
     params = {"w": jnp.zeros((m, n), dtype)}
     labels = {"w": True}
@@ -169,6 +172,7 @@ def test_state_bytes_and_compiled_memory():
     assert mem.peak >= mem.argument
 
 
+@pytest.mark.slow
 def test_readme_tour_runs():
     from tests.readme import run_block
 

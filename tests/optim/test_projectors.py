@@ -33,6 +33,7 @@ def test_dct_basis_orthonormal(size):
     np.testing.assert_allclose(np.asarray(dct_basis(size, cols)), q[:, [size - 1, 0]], atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_dct_recovers_exact_low_rank_gradient(side):
     m, n, r = 20, 12, 3
@@ -52,6 +53,7 @@ def test_dct_recovers_exact_low_rank_gradient(side):
     np.testing.assert_allclose(np.asarray(p.up(low, idx)), g, atol=1e-5)  # lossless
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["svd", "dct"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_up_down_is_an_orthogonal_projection(name, side):
@@ -85,6 +87,7 @@ def test_random_projector_regenerates_from_key_only():
     assert abs(float(jnp.mean(jnp.diag(eye[:, :4]))) - 1.0) < 0.2
 
 
+@pytest.mark.slow
 def test_random_state_holds_only_keys():
     params = {"w": jnp.zeros((64, 32)), "v": jnp.zeros((3, 40, 24))}
     labels = {"w": True, "v": memjax.optim.MatrixDims(1, 2)}
@@ -105,6 +108,7 @@ def test_dct_state_is_int32_indices():
     assert idx.dtype == jnp.int32 and idx.shape == (8,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(512, 1), (3, 5), (7,), (130, 64)])
 def test_fused_threefry_normal_uniform_and_fold_in_equal_jax_random_bit_for_bit(shape):
     # The random projectors and MeZO draw through memjax.optim._rng (unrolled threefry, one
@@ -169,6 +173,7 @@ def _energy(g, basis):
     return float(np.linalg.norm(basis.T @ g) ** 2 / np.linalg.norm(g) ** 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_power_projector_matches_numpy_block_power_iteration(side):
     m, n, r = 24, 16, 4
@@ -229,6 +234,7 @@ def test_power_projector_rejects_bad_arguments(kwargs, error):
         memjax.optim.power_projector(**kwargs)
 
 
+@pytest.mark.slow
 def test_galore_with_power_projector_on_stacked_and_plain_leaves():
     params = {"w": jnp.zeros((3, 24, 10)), "v": jnp.zeros((10, 24)), "b": jnp.zeros(10)}
     labels = {"w": memjax.optim.MatrixDims(1, 2), "v": True, "b": False}

@@ -45,6 +45,7 @@ def test_blockwise_quantizer_matches_numpy_model(kind, signed):
                                rtol=3e-7, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signed", [True, False])
 def test_round_trip_error_bounds(signed):
     x = _blocky((50, 40), 1)

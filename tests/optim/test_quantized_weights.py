@@ -13,6 +13,7 @@ from memjax.optim import quantized_weights as qw
 from tests.optim import numpy_reference as ref
 
 
+@pytest.mark.slow
 def test_stochastic_round_is_unbiased_with_bounded_variance():
     """Values across the grid: the mean over 20000 draws is within 0.02 steps of y (about 7
     standard errors of the mean, sd <= 0.5 / sqrt(20000) = 0.0035), the variance is f (1 - f)
@@ -44,6 +45,7 @@ def test_stochastic_round_is_unbiased_with_bounded_variance():
     assert float(jnp.abs(qw.dequantize(near) - x).max()) <= 0.5 * step * 1.001
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [128, 256])
 def test_quantize_matches_the_authors_quantizer(group):
     """Codes, scales and zero points equal the NumPy model (round to nearest); the dequantised
@@ -67,6 +69,7 @@ def test_quantize_matches_the_authors_quantizer(group):
     np.testing.assert_array_equal(qw.dequantize(one), deq[1])
 
 
+@pytest.mark.slow
 def test_one_q_galore_step_with_int8_weights_matches_numpy():
     """One Q-GaLore step (INT4 SVD projector, 8-bit Adam, scale, lr) on INT8 weights, then
     re-quantisation with stochastic rounding from the same uniforms: the NumPy model gives the
@@ -156,6 +159,7 @@ def test_bad_input_raises():
         lm_preset("tiny", weight_bits=8, weight_group_size=96)
 
 
+@pytest.mark.slow
 def test_every_recipe_runs_on_the_float_view():
     """A recipe given INT8 weights initialises and updates on their dequantised values: the
     same state and updates as on the float tree itself."""
@@ -171,6 +175,7 @@ def test_every_recipe_runs_on_the_float_view():
         jax.tree.map(np.testing.assert_array_equal, (u_q, s_q), (u_f, s_f))
 
 
+@pytest.mark.slow
 def test_readme_example_runs():
     """The README's INT8 example runs as written: the weight stays INT8 and moves."""
     from tests.readme import run_block
@@ -183,6 +188,7 @@ def test_readme_example_runs():
     assert not np.array_equal(np.asarray(w.codes), np.asarray(before.codes))
 
 
+@pytest.mark.slow
 def test_one_sided_groups_nonfinite_updates_and_misuse():
     """A group on one side of zero keeps half-step accuracy (0 is in its range); a non-finite
     update gives a non-finite weight (not a clipped code); a plain optax state built on INT8

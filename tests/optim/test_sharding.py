@@ -19,6 +19,7 @@ def _params():
             "bias": jax.random.normal(keys[2], (16,))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["galore_svd", "galore_dct", "galore_random", "fira_svd",
                                   "apollo_random", "apollo_mini", "frugal_svd", "frugal_block",
                                   "q_galore"])

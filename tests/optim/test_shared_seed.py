@@ -64,6 +64,7 @@ def _replicas_equal(tree):
     return True
 
 
+@pytest.mark.slow
 def test_replicas_stay_bit_identical_and_replay_rebuilds_them():
     mesh = jax.make_mesh((8,), ("data",))
     opt, init, params, batch = _setup(mesh)
@@ -88,6 +89,7 @@ def test_replicas_stay_bit_identical_and_replay_rebuilds_them():
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@pytest.mark.slow
 def test_the_only_collective_is_an_int8_all_gather():
     mesh = jax.make_mesh((8,), ("data",))
     opt, _, params, batch = _setup(mesh, n=2)
@@ -96,6 +98,7 @@ def test_the_only_collective_is_an_int8_all_gather():
     assert [(shape.split("{")[0], op) for shape, op, _ in collectives] == [("s8[8,2]", "all-gather")]
 
 
+@pytest.mark.slow
 def test_a_worker_with_a_nonfinite_loss_is_left_out():
     mesh = jax.make_mesh((8,), ("data",))
     opt, _, params, _ = _setup(mesh)
@@ -145,6 +148,7 @@ print("DIGEST", digest.hexdigest(), jax.device_count(), flush=True)
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_end_bit_identical(tmp_path):
     port = free_port()
     script = tmp_path / "worker.py"
@@ -157,6 +161,7 @@ def test_two_processes_end_bit_identical(tmp_path):
     assert digests[0] and digests[0] == digests[1], outs
 
 
+@pytest.mark.slow
 def test_replay_of_a_step_where_every_worker_failed_changes_nothing():
     params, _ = _problem()
     log = ss.ReplayLog(np.zeros((1, 2), np.uint32), np.full((1, 8, 1), ss.INVALID, np.int8),

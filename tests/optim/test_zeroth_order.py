@@ -68,6 +68,7 @@ def _numpy_mezo(params, batch, state_key, steps, lr, eps, n, wd):
     return theta
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 3])
 def test_mezo_matches_numpy_algorithm(n):
     params, batch = _problem()
@@ -125,6 +126,7 @@ def test_spsa_is_unbiased_and_n_spsa_reduces_variance():
     assert 0.15 < ratio < 0.4, ratio  # 1/n = 0.25
 
 
+@pytest.mark.slow
 def test_noise_definition_stacked_and_chunked():
     key = jax.random.key(5)
     keys = zo.noise_keys({"s": jnp.zeros((3, 4, 5))}, key, 1)["s"]
@@ -161,6 +163,7 @@ def test_default_decay_mask():
                     "embed": True, "proj": {"bias": False}}
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skips_the_step_bitwise():
     params, batch = _problem()
     opt = zo.mezo(0.1, weight_decay=0.5, stacked_axes=STACKED)
@@ -174,6 +177,7 @@ def test_nonfinite_loss_skips_the_step_bitwise():
     assert not bool(info.skipped) and np.isfinite(np.asarray(new["w"])).all()
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_and_donation():
     params, batch = _problem()
     runs = []
@@ -219,6 +223,7 @@ def test_many_samples_update_matches_the_formula():
     np.testing.assert_allclose(new["w"], expect, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [0, 1000])
 def test_perturbation_and_update_agree_on_stacked_chunked_leaves(chunk):
     """z of a stacked leaf larger than a chunk: add_noise, the per-layer hook and the update all

@@ -32,6 +32,7 @@ def _model(d_model, num_layers, length, tie=False):
     return params, loss, loss_at_use
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 def test_perturbation_at_use_equals_materialised(tie):
     params, loss, loss_at_use = _model(32, 2, 16, tie)
@@ -50,6 +51,7 @@ def test_perturbation_at_use_equals_materialised(tie):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_spsa_step_needs_inference_memory():
     """d_model 256, 8 layers, batch 8 x 256 tokens: SPSA step <= 1.15x forward, backprop+AdamW >= 3x."""
     params, loss, loss_at_use = _model(256, 8, 256)

@@ -28,6 +28,7 @@ def _loss(model, batch):
     return jnp.mean((model(x) - y) ** 2)
 
 
+@pytest.mark.slow
 def test_nnx_steps_equal_the_pytree_steps_and_leave_the_model_alone():
     model = _MLP(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (32, 6))
@@ -71,12 +72,14 @@ def test_bad_arguments_name_the_fix():
         memjax.training.nnx_zeroth_order({"w": jnp.ones(3)}, _loss, memjax.optim.mezo(1e-3))
 
 
+@pytest.mark.slow
 def test_docstring_example_runs():
     module = importlib.import_module("memjax.training.zeroth_order_nnx")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0
 
 
+@pytest.mark.slow
 def test_readme_example_runs():
     from tests.readme import run_block
 

@@ -1,7 +1,7 @@
 """The memory planner: the compiled memory of the exact step the trainer would run, shape-only.
 
-``python -m experiments.memory --config NAME [overrides] [--json] [--plot PATH]`` builds, for every
-optimizer row of the config, the trainer's step (:func:`experiments.trainer.build`: the same
+``python -m experiments.memory --config NAME [overrides] [--json | --jsonl] [--plot PATH]``
+builds, for every optimizer row of the config, the trainer's step (:func:`experiments.trainer.build`: the same
 optimizer, clipping, non-finite guard, shardings and donation) and compiles it on abstract shapes
 (``jax.ShapeDtypeStruct``): nothing is allocated and no data is read, so a LLaMA-7B step is planned
 on a laptop in seconds. XLA's buffer assignment (``compiled.memory_analysis()``) gives, per device::
@@ -11,7 +11,8 @@ on a laptop in seconds. XLA's buffer assignment (``compiled.memory_analysis()``)
 Each row reports the parameters, the optimizer state, the gradients the step materialises (the
 whole tree for a gradient step, none for zeroth order, one layer's plus the leaves outside the
 stack for a layerwise step), the temp and the peak, and the compile
-seconds. ``--json`` prints one JSON object per row; ``--plot`` draws stacked bars (parameters /
+seconds. ``--json`` prints one JSON document (the list of rows, for ``json.load``), ``--jsonl``
+JSON Lines (one object per row as soon as it is compiled); ``--plot`` draws stacked bars (parameters /
 optimizer state / gradients / activations and other temp), like Figure 1 of the GaLore paper.
 
 float32 on CPU is the honest figure: XLA:CPU upcasts bf16 dots, so bf16 steps measured on a CPU
@@ -200,24 +201,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--json", action="store_true")
+    pre.add_argument("--jsonl", action="store_true")
     pre.add_argument("--plot", default="")
     known, rest = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    machine = known.json or known.jsonl  # stdout is data only
     try:
         config = train.parse(rest, prog=train.program("python -m experiments.memory"),
                              description=__doc__.splitlines()[0] + " Extra flags: --json (one "
-                             "JSON object per row), --plot PATH (stacked bars as PNG).")
-        if not known.json:
+                             "JSON document: the list of rows), --jsonl (JSON Lines: one object "
+                             "per row as it compiles), --plot PATH (stacked bars as PNG).")
+        if not machine:
             print(f"# {describe_config(config)}", flush=True)
-        emit = (lambda r: print(json.dumps(r), flush=True)) if known.json else None
+        emit = (lambda r: print(json.dumps(r), flush=True)) if known.jsonl else None
         rows = plan(config, on_row=emit)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not known.json:
+    if known.json:
+        print(json.dumps(rows, indent=1))
+    elif not machine:
         print(table(rows))
     if known.plot:
         path = plot(rows, pathlib.Path(known.plot), describe_config(config))
-        if not known.json:
+        if not machine:
             print(f"wrote {path}")
     return 0
 

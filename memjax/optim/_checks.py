@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -44,3 +46,16 @@ def check_adam(b1, b2, eps) -> None:
         if _number(value) and not 0.0 <= value < 1.0:
             raise ValueError(f"{name}={value} must lie in [0, 1).")
     check_nonnegative("eps", eps)
+
+
+def check_learning_rate(value, name: str = "learning_rate") -> None:
+    """``TypeError`` unless ``value`` is a number, a numeric scalar array (traced under
+    ``optax.inject_hyperparams``) or a schedule (a callable ``step -> rate``). A negative rate
+    stays allowed, as in optax."""
+    if callable(value) or _number(value):
+        return
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and np.issubdtype(np.dtype(dtype), np.number) and np.ndim(value) == 0:
+        return
+    raise TypeError(f"{name} must be a number, a scalar array or an optax schedule (a callable "
+                    f"step -> rate), got {type(value).__name__} {value!r}.")

@@ -27,15 +27,23 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
-DEFAULT_EXCLUDE = (r"embed|embeds|embedding|embeddings|wte|wpe|head|unembed|"
+DEFAULT_EXCLUDE = (r"embed|embeds|embedding|embeddings|embedder|wte|wpe|head|unembed|"
+                   r"unembedding|logits|"
                    r"norm|layernorm|rmsnorm|groupnorm|batchnorm|ln|bias|biases|scale|scales")
 """Words that keep a leaf full-rank (embeddings, heads, norms, biases, norm scales).
 
 Every path component is lower-cased and split into words at every character that is not a letter
 (``input_layernorm`` -> ``input``, ``layernorm``; ``ln_1`` -> ``ln``; ``lm_head`` -> ``lm``,
-``head``); a leaf is excluded when the regex matches a whole word or a whole component. Words, not
-substrings: ``multihead`` or ``upscale`` are neither a head nor a scale."""
+``head``; MaxText's ``logits_dense`` -> ``logits``, ``dense``; Gemma's ``embedder``); a leaf is
+excluded when the regex matches a whole word or a whole component. Words, not substrings:
+``multihead`` or ``upscale`` are neither a head nor a scale. With this default, a top-level
+component in :data:`TOP_LEVEL_HEADS` is excluded too."""
+
+TOP_LEVEL_HEADS = ("output",)
+"""Top-level modules that are the LM head by convention (LLaMA's original ``output``), kept full
+by the default rule. Only at the top: ``attention/output/dense`` (BERT) is a hidden matrix."""
 
 LabelTree = Any  # pytree of MatrixDims | None
 Labels = LabelTree | Callable[[Any], LabelTree] | None
@@ -180,9 +188,13 @@ def path_words(component: str) -> list[str]:
 
 
 def excluded(path: str, exclude: str | None) -> bool:
-    """Whether a ``/``-joined ``path`` has a component or word matching ``exclude`` in full."""
+    """Whether a ``/``-joined ``path`` has a component or word matching ``exclude`` in full
+    (with :data:`DEFAULT_EXCLUDE`, also whether its first component is in
+    :data:`TOP_LEVEL_HEADS`)."""
     if not exclude:
         return False
+    if exclude == DEFAULT_EXCLUDE and path.split("/")[0].lower() in TOP_LEVEL_HEADS:
+        return True
     pattern = re.compile(exclude)
     for component in path.split("/"):
         if pattern.fullmatch(component.lower()) or any(
@@ -247,6 +259,8 @@ def label_matrices(params: Any, rank: int | None = None, *,
         ndim = len(shape)
         if ndim < 2 or (num_batch_dims is not None and ndim != 2 + num_batch_dims):
             return None
+        if not is_float(leaf):  # counters, int8 buffers, keys: never a trainable matrix
+            return None
         if excluded(path_str(path), exclude):
             return None
         if rank is not None and min(shape[-2:]) <= rank:
@@ -254,6 +268,12 @@ def label_matrices(params: Any, rank: int | None = None, *,
         return RuleDims(ndim - 2, ndim - 1, rank)
 
     return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def is_float(leaf: Any) -> bool:
+    """Whether ``leaf`` (an array or ``jax.ShapeDtypeStruct``) has a floating dtype."""
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
 
 def label_tree(params: Any, labels: Labels) -> LabelTree:
@@ -304,6 +324,11 @@ def resolve_labels(params: Any, labels: Labels, rank: int) -> list[MatrixView | 
             label = MatrixDims()
         if not isinstance(label, MatrixDims):
             raise ValueError(f"labels: leaf '{name}' has label {label!r}; expected MatrixDims, None or bool.")
+        if not is_float(leaf):
+            raise ValueError(
+                    f"labels: leaf '{name}' has dtype {getattr(leaf, 'dtype', None)} and is labelled a "
+                    "matrix; only floating leaves can be projected. Label it None (or leave it out "
+                    "of the optimizer with optax.masked / optax.partition).")
         view = matrix_view(leaf.shape, label, name)
         if isinstance(label, RuleDims):
             if label.rule_rank is not None and label.rule_rank != rank:
@@ -337,6 +362,8 @@ def unprojected_reasons(params: Any, views: list[MatrixView | None], labels: Lab
         name, shape = path_str(path), tuple(getattr(leaf, "shape", ()))
         if len(shape) < 2:
             why = "not a matrix"
+        elif not is_float(leaf):
+            why = f"not float ({leaf.dtype})"
         elif labels is None and excluded(name, DEFAULT_EXCLUDE):
             why = "excluded by name (DEFAULT_EXCLUDE)"
         elif labels is None and min(shape[-2:]) <= rank:

@@ -76,8 +76,10 @@ def finish(core: optax.GradientTransformation, learning_rate: optax.ScalarOrSche
 
     Raises:
       ValueError: an unknown ``decay``.
+      TypeError: a ``learning_rate`` that is neither a number, a scalar array nor a schedule.
     """
     _checks.check_choice("decay", decay, DECAY_ORDERS)
+    _checks.check_learning_rate(learning_rate)
     parts = [core]
     if decay == "before" and _decays(weight_decay):
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))

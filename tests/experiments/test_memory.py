@@ -62,9 +62,11 @@ def test_cli_json_and_plot(tmp_path, capsys):
     plot = tmp_path / "memory.png"
     assert memory.main(["--config", "smoke", "--json", "--plot", str(plot),
                         "--select", "galore-svd"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    rows = [json.loads(line) for line in lines]
+    rows = json.loads(capsys.readouterr().out)  # one document
     assert len(rows) == 1 and rows[0]["label"] == "galore-svd" and KEYS <= set(rows[0])
+    assert memory.main(["--config", "smoke", "--jsonl", "--select", "adamw", "galore-svd"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()  # JSON Lines, a row per line
+    assert [json.loads(line)["label"] for line in lines] == ["adamw", "galore-svd"]
     assert plot.stat().st_size > 1000
     assert memory.main(["--config", "smoke", "--model.widht", "3"]) == 2
     assert "error:" in capsys.readouterr().err

@@ -145,3 +145,51 @@ def test_clip_by_global_norm_matches_optax():
             np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6)
     with pytest.raises(ValueError, match="max_norm"):
         memjax.optim.clip_by_global_norm(0.0)
+
+
+def test_heads_and_embeddings_of_other_libraries_stay_full():
+    """MaxText's unembedding and token embedder, Gemma's embedder, LLaMA's top-level ``output``;
+    an ``output`` inside a block (BERT's attention output) is a hidden matrix and is projected."""
+    m = jnp.zeros((16, 24))
+    params = {"decoder": {"logits_dense": {"kernel": m}, "layers": {"mlp": {"wi": m}}},
+              "token_embedder": {"embedding": m}, "embedder": {"input_embedding": m},
+              "output": {"kernel": m},
+              "encoder": {"attention": {"output": {"dense": {"kernel": m}}}}}
+    labels = label_matrices(params)
+    for full in (labels["decoder"]["logits_dense"]["kernel"], labels["token_embedder"]["embedding"],
+                 labels["embedder"]["input_embedding"], labels["output"]["kernel"]):
+        assert full is None
+    assert labels["decoder"]["layers"]["mlp"]["wi"] == MatrixDims(0, 1)
+    assert labels["encoder"]["attention"]["output"]["dense"]["kernel"] == MatrixDims(0, 1)
+    # a rule of the user's own (another exclude=) owns the decision, the top-level one included
+    assert label_matrices(params, exclude=r"embedding")["output"]["kernel"] == MatrixDims(0, 1)
+
+
+def test_non_float_leaves_are_never_matrices():
+    params = {"blocks": {"w": jnp.zeros((3, 16, 16)), "count": jnp.zeros((3, 16, 16), jnp.int32),
+                         "codes": jnp.zeros((16, 16), jnp.int8)}}
+    labels = label_matrices(params)
+    assert labels["blocks"]["count"] is None and labels["blocks"]["codes"] is None
+    assert labels["blocks"]["w"] == MatrixDims(1, 2)
+    tx = memjax.optim.galore(1e-2, rank=4)
+    tx.init(params)  # the int leaves get the full inner optimizer's state, like optax.adamw's
+    rows = {r.path: r for r in memjax.optim.describe(tx, params).rows}
+    assert rows["blocks/w"].treatment == "projected" and rows["blocks/count"].treatment == "full"
+    # an explicit label that makes an integer leaf a matrix names the leaf and the cause
+    explicit = {"blocks": {"w": MatrixDims(1, 2), "count": MatrixDims(1, 2), "codes": None}}
+    with pytest.raises(ValueError, match=r"leaf 'blocks/count' has dtype int32.*floating"):
+        memjax.optim.galore(1e-2, rank=4, labels=explicit).init(params)
+    with pytest.warns(memjax.optim.NoProjectionWarning, match=r"count \(3, 16, 16\): not float"):
+        memjax.optim.galore(1e-2, rank=4).init({"count": params["blocks"]["count"]})
+
+
+@pytest.mark.parametrize("recipe", ["galore", "fira", "apollo", "apollo_mini", "frugal",
+                                    "q_galore"])
+def test_learning_rate_is_checked_when_the_recipe_is_built(recipe):
+    make = getattr(memjax.optim, recipe)
+    with pytest.raises(TypeError, match=r"learning_rate must be a number.*str '1e-3'"):
+        make("1e-3")
+    with pytest.raises(TypeError, match="learning_rate"):
+        make(None)
+    for ok in (-1e-3, 1, jnp.float32(1e-3), np.float64(1e-3), optax.linear_schedule(0.0, 1e-3, 10)):
+        make(ok)  # a negative rate stays allowed, as in optax

@@ -1,8 +1,9 @@
 """The memory planner: the compiled memory of the exact step the trainer would run, shape-only.
 
 ``python -m experiments.memory --config NAME [overrides] [--json | --jsonl] [--plot PATH]``
-builds, for every optimizer row of the config, the trainer's step (:func:`experiments.trainer.build`: the same
-optimizer, clipping, non-finite guard, shardings and donation) and compiles it on abstract shapes
+builds, for every optimizer row of the config, the trainer's step
+(:func:`experiments.trainer.build`: the same optimizer, clipping, non-finite guard, shardings and
+donation) and compiles it on abstract shapes
 (``jax.ShapeDtypeStruct``): nothing is allocated and no data is read, so a LLaMA-7B step is planned
 on a laptop in seconds. XLA's buffer assignment (``compiled.memory_analysis()``) gives, per device::
 
@@ -12,8 +13,9 @@ Each row reports the parameters, the optimizer state, the gradients the step mat
 whole tree for a gradient step, none for zeroth order, one layer's plus the leaves outside the
 stack for a layerwise step), the temp and the peak, and the compile
 seconds. ``--json`` prints one JSON document (the list of rows, for ``json.load``), ``--jsonl``
-JSON Lines (one object per row as soon as it is compiled); ``--plot`` draws stacked bars (parameters /
-optimizer state / gradients / activations and other temp), like Figure 1 of the GaLore paper.
+JSON Lines (one object per row as soon as it is compiled); ``--plot`` draws stacked bars
+(parameters / optimizer state / gradients / activations and other temp), like Figure 1 of the
+GaLore paper.
 
 float32 on CPU is the honest figure: XLA:CPU upcasts bf16 dots, so bf16 steps measured on a CPU
 overstate their memory (measure bf16 on a GPU).

@@ -203,6 +203,12 @@ def excluded(path: str, exclude: str | None) -> bool:
     return False
 
 
+def is_float(leaf: Any) -> bool:
+    """Whether ``leaf`` (an array or ``jax.ShapeDtypeStruct``) has a floating dtype."""
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
 def label_matrices(params: Any, rank: int | None = None, *,
                    exclude: str | None = DEFAULT_EXCLUDE,
                    num_batch_dims: int | None = None) -> LabelTree:
@@ -270,12 +276,6 @@ def label_matrices(params: Any, rank: int | None = None, *,
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def is_float(leaf: Any) -> bool:
-    """Whether ``leaf`` (an array or ``jax.ShapeDtypeStruct``) has a floating dtype."""
-    dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
-
-
 def label_tree(params: Any, labels: Labels) -> LabelTree:
     """The label pytree ``labels`` stands for: :func:`label_matrices` (``None``), ``labels(params)``
     (a callable) or ``labels`` itself."""
@@ -326,9 +326,9 @@ def resolve_labels(params: Any, labels: Labels, rank: int) -> list[MatrixView | 
             raise ValueError(f"labels: leaf '{name}' has label {label!r}; expected MatrixDims, None or bool.")
         if not is_float(leaf):
             raise ValueError(
-                    f"labels: leaf '{name}' has dtype {getattr(leaf, 'dtype', None)} and is labelled a "
-                    "matrix; only floating leaves can be projected. Label it None (or leave it out "
-                    "of the optimizer with optax.masked / optax.partition).")
+                    f"labels: leaf '{name}' has dtype {getattr(leaf, 'dtype', None)} and is "
+                    "labelled a matrix; only floating leaves can be projected. Label it None (or "
+                    "leave it out of the optimizer with optax.masked / optax.partition).")
         view = matrix_view(leaf.shape, label, name)
         if isinstance(label, RuleDims):
             if label.rule_rank is not None and label.rule_rank != rank:

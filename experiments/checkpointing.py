@@ -15,6 +15,8 @@ import pathlib
 from collections.abc import Iterator
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from .config import CheckpointConfig
@@ -26,19 +28,45 @@ def manager(directory: pathlib.Path, cfg: CheckpointConfig) -> ocp.CheckpointMan
     """A ``CheckpointManager`` keeping ``cfg.max_to_keep`` checkpoints under ``directory``."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save, create=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=ITEMS)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state = ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers())
+    for args in (ocp.args.PyTreeSave, ocp.args.PyTreeRestore):
+        registry.add("state", args, state)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+        registry.add("meta", args, ocp.JsonCheckpointHandler())
+    return ocp.CheckpointManager(directory.absolute(), options=options, handler_registry=registry)
+
+
+def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
+    """orbax's default type handlers, but arrays are written replica-parallel only when several
+    processes share the write.
+
+    Replica-parallel saving (orbax's default off GPU) splits each replicated shard into one
+    slice per replica so that every *process* writes a part. Within one process it gains
+    nothing and costs a device slice per replica and array, each dispatched (and, for a new
+    shape or device, compiled) on the save path: on 8 CPU devices, 6,356 slices for 16 saves
+    of the smoke experiment. The bytes on disk are the same either way.
+    """
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)
+    return ocp.type_handlers.create_type_handler_registry(
+        (int, ocp.type_handlers.ScalarHandler()), (float, ocp.type_handlers.ScalarHandler()),
+        (np.number, ocp.type_handlers.ScalarHandler()),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()), (jax.Array, arrays),
+        (str, ocp.type_handlers.StringHandler()))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
     """Starts saving ``state`` and ``meta`` as checkpoint ``step`` (returns before it is written)."""
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                             meta=ocp.args.JsonSave(meta)))
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
     """``(state, meta)`` of checkpoint ``step``; ``target`` gives shapes, dtypes and shardings."""
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                     meta=ocp.args.JsonRestore()))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, restore_args=restore_args),
+        meta=ocp.args.JsonRestore()))
     return out.state, out.meta
 
 

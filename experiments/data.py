@@ -110,13 +110,8 @@ def stdlib_documents(max_bytes: int) -> list[bytes]:
     """Sorted standard-library ``*.py`` files up to ``max_bytes``, then the pydoc topics."""
     from pydoc_data.topics import topics
 
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        (p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts[:-1])),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
     docs, total = [], 0
-    for path in files:
+    for path in _stdlib_files():
         text = path.read_bytes()
         if total + len(text) > max_bytes:
             break
@@ -124,6 +119,16 @@ def stdlib_documents(max_bytes: int) -> list[bytes]:
         total += len(text)
     docs.extend(topics[key].encode("utf-8") for key in sorted(topics))
     return docs
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[pathlib.Path, ...]:
+    """The standard library's ``*.py`` files in a fixed order (the directory walk, about a second,
+    once per process)."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    return tuple(sorted(
+        (p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts[:-1])),
+        key=lambda p: p.relative_to(root).as_posix()))
 
 
 def split_documents(docs: Sequence[bytes], val_fraction: float) -> Corpus:

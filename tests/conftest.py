@@ -1,15 +1,20 @@
 """Shared test configuration.
 
 Eight host devices are forced before JAX initialises so that sharding tests can build meshes on CPU.
-Strict rank promotion catches silent broadcasting bugs (as equinox's suite does).
+XLA:CPU compiles at -O0 (``tests.processes.FAST_COMPILE``). Strict rank promotion catches silent broadcasting bugs (as equinox's suite does).
 """
 
 import os
 import tempfile
 
-_flag = "--xla_force_host_platform_device_count=8"
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+from tests.processes import FAST_COMPILE
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " " + FAST_COMPILE
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache per test session, shared by the xdist workers and by the
 # subprocesses some tests start: identical programs (a run and its resumed twin, the same step

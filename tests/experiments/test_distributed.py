@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from experiments import metrics
-from tests.processes import free_port, run_together
+from tests.processes import free_port, run_together, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -18,7 +18,7 @@ STEPS = 6
 @pytest.mark.slow
 def test_two_processes_hold_identical_params(tmp_path):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "experiments.train", "--config", "smoke", "--select", "galore-svd",
            "--mesh.data", "2", "--schedule.steps", str(STEPS), "--eval.every", "0",
            "--checkpoint.every", "3", "--log.no-progress", "--log.output-dir", str(tmp_path),

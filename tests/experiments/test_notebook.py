@@ -4,6 +4,8 @@ import pathlib
 
 import pytest
 
+from tests.processes import xla_flags
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -14,7 +16,7 @@ NOTEBOOK = pathlib.Path(__file__).resolve().parents[2] / "notebooks" / "quicksta
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMJAX_QUICKSTART_TINY", "1")
     monkeypatch.setenv("PYTHONPATH", str(NOTEBOOK.parents[1]))
-    monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device: the cheapest compile
+    monkeypatch.setenv("XLA_FLAGS", xla_flags())  # one CPU device: the cheapest compile
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()

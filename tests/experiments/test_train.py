@@ -166,8 +166,12 @@ def test_stop_and_resume_is_bit_identical(reference, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_same_losses(reference, tmp_path, cache_dir):
+    """AdamW killed (SIGKILL) after step 12 resumes from its last complete checkpoint to the
+    reference's losses. (One optimizer: the process boundary is what this tests; every other
+    row's state resumes in process, in the test above.)"""
     config, expected = reference
-    cmd = [sys.executable, "-m", "experiments.train", *CLI, "--log.output-dir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "experiments.train", *CLI, "--log.output-dir", str(tmp_path),
+           "--select", "adamw"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     first = run.run_dir(_config(tmp_path), config.optimizers[0]) / "metrics.jsonl"
@@ -191,8 +195,8 @@ def test_resume_after_sigkill_reaches_the_same_losses(reference, tmp_path, cache
     assert done.returncode == 0, done.stderr[-2000:]
     assert "WARNING:absl" not in done.stderr  # orbax's read-only notices are silenced
     assert "[adamw] resumed from step " in done.stdout
-    for o in config.optimizers:
-        _assert_same_records(_records(run.run_dir(_config(tmp_path), o)), expected[o.display_name])
+    _assert_same_records(metrics.read(first), expected["adamw"])
+    assert [p.name for p in first.parents[1].iterdir() if p.is_dir()] == ["adamw"]
     info = json.loads((first.parent / "run.json").read_text())
     assert 10 <= info["started_from_step"] <= killed_at
 

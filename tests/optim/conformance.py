@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import memjax
 
@@ -74,14 +75,23 @@ def make_params(dtype=jnp.float32):
 
 
 def make_grads(params, step: int):
+    """Gradients for ``params`` at ``step``: matrices with a fixed, widely spaced spectrum.
+
+    A matrix gradient is ``U diag(s) V^T`` with random singular vectors and ``s_i = 2 * 0.7^i``:
+    every singular gap is 30 %, so an SVD projector of any rank is well conditioned and a 1-ulp
+    input change (clipping inside or outside a jit, another reduction order) moves it by rounding
+    only. (With i.i.d. entries neighbouring singular values can lie within a few percent, and the
+    projector's last vector then turns by ``eps * sigma_1 / gap``, which Fira's column scale and
+    the residual amplify past a 1e-5 comparison.)
+    """
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.fold_in(jax.random.key(1), step), len(leaves))
 
     def grad(k, p):
-        # A decaying column spectrum keeps singular gaps open (like real gradients), so SVD
-        # projectors are well conditioned and 1-ulp input changes cannot flip the subspace.
-        g = jax.random.normal(k, p.shape, jnp.float32)
-        decay = jnp.linspace(2.0, 0.1, p.shape[-1]).reshape((1,) * (p.ndim - 1) + (-1,))
-        return (g * decay).astype(p.dtype)
+        g = np.asarray(jax.random.normal(k, p.shape, jnp.float32), np.float64)
+        if g.ndim == 2:
+            u, _, vt = np.linalg.svd(g, full_matrices=False)
+            g = (u * (2.0 * 0.7 ** np.arange(u.shape[1]))) @ vt * np.sqrt(g.size)
+        return jnp.asarray(g, jnp.float32).astype(p.dtype)
 
     return treedef.unflatten([grad(k, p) for k, p in zip(keys, leaves)])

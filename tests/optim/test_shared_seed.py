@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from memjax.optim import shared_seed as ss
 from tests.optim.test_zeroth_order import STACKED, _loss
-from tests.processes import free_port, run_together
+from tests.processes import free_port, run_together, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COLLECTIVE = re.compile(r"=\s*(\S+)\s+(all-gather|all-reduce|reduce-scatter|collective-permute|"
@@ -153,7 +153,7 @@ def test_two_processes_end_bit_identical(tmp_path):
     port = free_port()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2"),
            "JAX_PLATFORMS": "cpu"}
     outs = run_together([[sys.executable, str(script), f"localhost:{port}", str(i), str(ROOT)]
                          for i in range(2)], env, timeout=240)

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -29,6 +30,7 @@ import optax
 
 from memjax.optim import accounting
 from memjax.optim import labels as labels_lib
+from memjax.optim import layouts as layouts_lib
 from memjax.optim.block_adam import BlockState
 from memjax.optim.low_rank import LowRankState
 
@@ -44,6 +46,10 @@ class LeafDescription(NamedTuple):
       rank: projection rank (0 when not projected or unknown).
       state_bytes: optimizer-state bytes charged to this leaf.
       param_bytes: the leaf's own bytes.
+      matrix: how ``labels`` read the leaf: layer and batch axes, then ``rows x cols``
+        (``"layers=8 | 512 x 4*64"``); ``""`` for a leaf they do not read as a matrix.
+      reason: for a full leaf, why (``"excluded by name (DEFAULT_EXCLUDE)"``, ``"one axis"``,
+        ``"not float (int32)"``, ``"smaller side 8 <= rank 16"``, ``"labelled None"``).
     """
 
     path: str
@@ -53,6 +59,8 @@ class LeafDescription(NamedTuple):
     rank: int
     state_bytes: int
     param_bytes: int
+    matrix: str = ""
+    reason: str = ""
 
 
 class Description(NamedTuple):
@@ -74,11 +82,13 @@ class Description(NamedTuple):
 
     def __str__(self) -> str:
         width = max([len(r.path) for r in self.rows] + [4])
-        lines = [f"{'leaf':<{width}}  {'shape':<20} {'treatment':<10} {'side':<5} {'rank':>5} "
-                 f"{'state MB':>10}"]
+        mwidth = max([len(r.matrix) for r in self.rows] + [6])
+        lines = [f"{'leaf':<{width}}  {'shape':<20} {'matrix':<{mwidth}} {'treatment':<10} "
+                 f"{'side':<5} {'rank':>5} {'state MB':>10}  why full"]
         for r in self.rows:
-            lines.append(f"{r.path:<{width}}  {str(r.shape):<20} {r.treatment:<10} {r.side:<5} "
-                         f"{r.rank or '':>5} {r.state_bytes / 1e6:>10.3f}")
+            lines.append(f"{r.path:<{width}}  {str(r.shape):<20} {r.matrix:<{mwidth}} "
+                         f"{r.treatment:<10} {r.side:<5} {r.rank or '':>5} "
+                         f"{r.state_bytes / 1e6:>10.3f}  {r.reason}".rstrip())
         params = sum(r.param_bytes for r in self.rows)
         lines.append(f"{self.num_projected} of {len(self.rows)} leaves projected; state "
                      f"{self.total_state_bytes / 1e6:.3f} MB ({self.shared_bytes} B shared) = "
@@ -124,7 +134,8 @@ def _charges(state: Any, treedef) -> tuple[list[int], int]:
 
 
 def _low_rank_info(state: Any, treedef, shapes) -> dict[int, tuple[str, int]]:
-    """``{leaf index: (side, rank)}`` of the leaves some :class:`LowRankState` projects."""
+    """``{leaf index: (side, rank)}`` of the leaves some :class:`LowRankState` projects;
+    ``shapes[i]`` is the leaf's ``(m, n)`` matrix (or its own shape when not known)."""
     out = {}
     is_lr = lambda x: isinstance(x, LowRankState)  # noqa: E731
     for node in jax.tree.leaves(state, is_leaf=is_lr):
@@ -147,12 +158,16 @@ def _low_rank_info(state: Any, treedef, shapes) -> dict[int, tuple[str, int]]:
     return out
 
 
-def describe(tx: optax.GradientTransformation, params: Any) -> Description:
-    """Every leaf's treatment under ``tx`` and the optimizer-state bytes it costs.
+def describe(tx: optax.GradientTransformation, params: Any,
+             labels: labels_lib.Labels = None) -> Description:
+    """Every leaf's treatment under ``tx``, the matrix it is read as, and the optimizer-state
+    bytes it costs.
 
     Args:
       tx: any optax transform (a memjax recipe, a chain around one, ``optax.adamw``...).
       params: the parameters (arrays or ``jax.ShapeDtypeStruct`` s; nothing is allocated).
+      labels: the labels ``tx`` was built with, for the ``matrix`` and ``reason`` columns
+        (default: the default rule, :func:`memjax.optim.label_matrices`).
 
     Returns:
       A :class:`Description`; ``print(describe(tx, params))`` shows the table.
@@ -164,16 +179,54 @@ def describe(tx: optax.GradientTransformation, params: Any) -> Description:
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     shapes = [tuple(getattr(x, "shape", ())) for _, x in leaves_with_path]
     per_leaf, shared = _charges(state, treedef)
-    projected = _low_rank_info(state, treedef, shapes)
     # FRUGAL's block mode: its matrices hold no state of their own (the shared buffers do), while
     # every other leaf keeps its full Adam moments.
     has_blocks = any(isinstance(x, BlockState) for x in jax.tree.leaves(
         state, is_leaf=lambda x: isinstance(x, BlockState)))
+    matrices, sides, reasons = _matrices_and_reasons(params, labels)
+    projected = _low_rank_info(state, treedef, [s or shape for s, shape in zip(sides, shapes)])
+    ranks = [r for _, r in projected.values() if r]
+    if labels is None and ranks:
+        reasons = labels_lib.full_reasons(params, ranks[0])
     rows = []
     for i, (path, leaf) in enumerate(leaves_with_path):
         side, rank = projected.get(i, ("", 0))
         treatment = ("projected" if i in projected
                      else "block" if has_blocks and per_leaf[i] == 0 else "full")
+        reason = "" if treatment != "full" else reasons[i] or "labelled None"
         rows.append(LeafDescription(labels_lib.path_str(path), shapes[i], treatment, side, rank,
-                                    per_leaf[i], accounting.state_bytes(leaf)))
+                                    per_leaf[i], accounting.state_bytes(leaf), matrices[i],
+                                    reason))
     return Description(rows, shared, accounting.state_bytes(state))
+
+
+def _matrices_and_reasons(params: Any, labels: labels_lib.Labels) -> tuple[
+        list[str], list[tuple[int, int] | None], list[str | None]]:
+    """Per leaf: the matrix ``labels`` read (``""``: none), its ``(m, n)`` (or ``None``), and
+    why the default rule keeps it full at no rank (``None`` with explicit labels: their
+    ``None`` is the reason)."""
+    leaves = jax.tree.leaves(params)
+    if labels is None:
+        found = layouts_lib.layouts(params)
+        text = [lay.describe(tuple(x.shape)) if lay is not None else ""
+                for lay, x in zip(found, leaves)]
+        mn = [None if lay is None else (math.prod(x.shape[a] for a in lay.rows),
+                                        math.prod(x.shape[a] for a in lay.cols))
+              for lay, x in zip(found, leaves)]
+        return text, mn, labels_lib.full_reasons(params, None)
+    tree = labels_lib.label_tree(params, labels)
+    label_leaves = jax.tree_util.tree_structure(params).flatten_up_to(tree)
+    text, mn = [], []
+    for label, x in zip(label_leaves, leaves):
+        label = labels_lib.as_matrix_dims(label)
+        if label is True:
+            label = labels_lib.MatrixDims()
+        if not isinstance(label, labels_lib.MatrixDims):
+            text.append("")
+            mn.append(None)
+            continue
+        view = labels_lib.matrix_view(x.shape, label)
+        batch = "*".join(map(str, view.batch_shape))
+        text.append((f"batch={batch} | " if batch else "") + f"{view.m} x {view.n}")
+        mn.append((view.m, view.n))
+    return text, mn, [None] * len(leaves)

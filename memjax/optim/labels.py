@@ -8,11 +8,11 @@ by scan-over-layers is one, and every slice along it gets its own projector.
 
 The default rule (:func:`label_matrices`) follows the GaLore authors' choice of layers: the
 weights of attention and MLP linears are projected; embeddings, heads/unembeddings, norms,
-biases and any leaf whose smaller side is ``<= rank`` stay full. It reads every leaf with at
-least two axes as a (batch of) matrix over its last two axes, so the stacked ``(L, d, f)``
-kernels of a scan-over-layers model (memjax's LM, MaxText, levanter) are projected slice by
-slice with no extra argument. ``optax.contrib.muon`` projects every 2-D leaf (embeddings
-included); memjax does not.
+biases and any leaf whose smaller side is ``<= rank`` stay full. Which axes of a leaf are layer
+axes and how the others group into the matrix the layer multiplies by is read from the tree by
+:mod:`memjax.optim.layouts` (memjax's LM, Flax NNX and linen stacks and ``LinearGeneral`` /
+``DenseGeneral`` kernels, MaxText's scanned layout, equinox). ``optax.contrib.muon`` projects
+every 2-D leaf (embeddings included); memjax does not.
 
 Reference: Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
 Projection", arXiv 2403.03507 (2024), Sec. 4.
@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from memjax.optim import layouts as layouts_lib
 
 DEFAULT_EXCLUDE = (r"embed|embeds|embedding|embeddings|embedder|wte|wpe|head|unembed|"
                    r"unembedding|logits|"
@@ -154,15 +156,7 @@ def from_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
 
 def path_str(path: Sequence[Any]) -> str:
     """``(DictKey('a'), GetAttrKey('b'), SequenceKey(0))`` -> ``'a/b/0'``."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return "/".join(layouts_lib.path_keys(path))
 
 
 class RuleDims(MatrixDims):
@@ -211,23 +205,27 @@ def is_float(leaf: Any) -> bool:
 
 def label_matrices(params: Any, rank: int | None = None, *,
                    exclude: str | None = DEFAULT_EXCLUDE,
-                   num_batch_dims: int | None = None) -> LabelTree:
+                   num_batch_dims: int | None = None,
+                   logical_axes: Any = None) -> LabelTree:
     """The default rule: which leaves are projected, and which of their axes form the matrix.
 
-    A leaf with at least two axes whose path has no excluded word (:data:`DEFAULT_EXCLUDE`:
-    embeddings, heads, norms, biases, scales) is a (batch of) matrix over its **last two axes**;
-    its leading axes are batch axes, each slice projected on its own. So a plain ``(d, f)``
-    kernel, a scan-over-layers stack ``(L, d, f)`` and a 4-D conv kernel ``(kh, kw, c_in,
-    c_out)`` (``kh * kw`` matrices ``c_in x c_out``, one per tap) are all labelled, and a tree
-    mixing 2-D and stacked 3-D matrices needs no hand-merged labels. Every other leaf is ``None``
-    (the full inner optimizer). The recipe later keeps full-rank any labelled leaf whose smaller
-    side is ``<= rank`` (see :class:`RuleDims`).
+    A floating leaf with at least two non-layer axes whose path has no excluded word
+    (:data:`DEFAULT_EXCLUDE`: embeddings, heads, norms, biases, scales) is a (batch of) matrix;
+    every other leaf is ``None`` (the full inner optimizer). Which axes are layers and how the
+    others group into ``rows x cols`` is read from the tree (:mod:`memjax.optim.layouts`):
 
-    Why the last two axes: flax ``Dense``/``nnx.Linear`` kernels are ``(in, out)``, stacking adds
-    leading axes (``nnx.vmap``, ``jax.vmap`` over an init, MaxText/levanter layer stacks), so the
-    trailing ``(in, out)`` pair is the matrix a GaLore projection acts on. Leaves whose matrix is
-    spread over other axes (``(embed, heads, head_dim)`` attention kernels) need an explicit
-    ``MatrixDims`` (as in ``optax.contrib.muon``).
+    * layer axes from names (``logical_axes``) or from structure (a subtree whose leaves all
+      share one size at position 0 or 1: memjax's LM, ``nnx.vmap``, linen ``nn.scan``, equinox
+      ``filter_vmap``, MaxText's ``param_scan_axis`` 1 and 0); each layer its own matrix;
+    * two matrix axes are ``(rows, cols)``: flax ``(in, out)``, equinox ``(out, in)`` alike;
+    * three or more (``LinearGeneral`` / ``DenseGeneral`` kernels) are grouped around the model
+      width: ``(d, heads, hd)`` is ``d x heads*hd``, ``(heads, hd, d)`` is ``heads*hd x d``, a
+      fused ``(2, d, f)`` is two ``d x f`` matrices; without a width axis (convolutions) the
+      last two axes, the leading ones batch.
+
+    The recipe later keeps full-rank any labelled leaf whose smaller side is ``<= rank`` (see
+    :class:`RuleDims`). :func:`memjax.optim.describe` shows every leaf's matrix and why a leaf
+    stayed full; :class:`MatrixDims` (or optax's dimension numbers) per leaf overrides the rule.
 
     Args:
       params: a pytree of arrays (or ``jax.ShapeDtypeStruct`` s).
@@ -236,8 +234,10 @@ def label_matrices(params: Any, rank: int | None = None, *,
         rank that differs from the recipe's is an error at ``init``, never a silent mismatch.
       exclude: regex matched in full against every path component and every word of it
         (:func:`excluded`); ``None`` excludes nothing.
-      num_batch_dims: ``None`` (default): any leaf with ``>= 2`` axes, the leading ones batch axes.
-        An int ``k``: only leaves with exactly ``2 + k`` axes are labelled.
+      num_batch_dims: ``None`` (default): the layout rule above. An int ``k``: only leaves with
+        exactly ``2 + k`` axes are labelled, as a batch of matrices over their last two axes.
+      logical_axes: optional pytree like ``params`` of per-axis names (flax partitioning
+        names, MaxText's logical axes; see :func:`memjax.optim.layouts.layouts`).
 
     Returns:
       A pytree like ``params`` with :class:`RuleDims` (a ``MatrixDims``) or ``None`` leaves.
@@ -251,6 +251,10 @@ def label_matrices(params: Any, rank: int | None = None, *,
       (None, RuleDims(reduction_axis=1, output_axis=2), RuleDims(reduction_axis=0, output_axis=1))
       >>> labels["blocks"]["norm"]["scale"] is None
       True
+      >>> attention = {"query": {"kernel": jnp.zeros((32, 4, 8))},
+      ...              "out": {"kernel": jnp.zeros((4, 8, 32))}}
+      >>> label_matrices(attention)["query"]["kernel"], label_matrices(attention)["out"]["kernel"]
+      (RuleDims(reduction_axis=0, output_axis=(1, 2)), RuleDims(reduction_axis=(0, 1), output_axis=2))
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"label_matrices: rank={rank!r} must be a positive int or None.")
@@ -259,21 +263,51 @@ def label_matrices(params: Any, rank: int | None = None, *,
                          "or None.")
     if exclude:
         re.compile(exclude)  # a bad regex fails here, naming the argument's value in the trace
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if num_batch_dims is None:
+        views = layouts_lib.layouts(params, logical_axes)
+    else:
+        views = [_last_two(tuple(getattr(x, "shape", ())), num_batch_dims)
+                 for _, x in leaves_with_path]
 
-    def rule(path, leaf):
-        shape = tuple(getattr(leaf, "shape", ()))
-        ndim = len(shape)
-        if ndim < 2 or (num_batch_dims is not None and ndim != 2 + num_batch_dims):
-            return None
-        if not is_float(leaf):  # counters, int8 buffers, keys: never a trainable matrix
+    def rule(path, leaf, layout):
+        if layout is None or not is_float(leaf):  # counters, int8 buffers, keys: never a matrix
             return None
         if excluded(path_str(path), exclude):
             return None
-        if rank is not None and min(shape[-2:]) <= rank:
+        dims = rule_dims(layout, rank)
+        shape = tuple(leaf.shape)
+        if rank is not None and min(math.prod(shape[a] for a in layout.rows),
+                                    math.prod(shape[a] for a in layout.cols)) <= rank:
             return None
-        return RuleDims(ndim - 2, ndim - 1, rank)
+        return dims
 
-    return jax.tree_util.tree_map_with_path(rule, params)
+    return treedef.unflatten([rule(path, leaf, layout) for (path, leaf), layout
+                              in zip(leaves_with_path, views)])
+
+
+def _last_two(shape: tuple[int, ...], num_batch_dims: int) -> layouts_lib.Layout | None:
+    if len(shape) != 2 + num_batch_dims:
+        return None
+    n = len(shape)
+    return layouts_lib.Layout((), tuple(range(n - 2)), (n - 2,), (n - 1,), "last two")
+
+
+def rule_dims(layout: layouts_lib.Layout, rank: int | None) -> RuleDims:
+    """The :class:`RuleDims` of a :class:`memjax.optim.layouts.Layout` (single axes as ints)."""
+    one = lambda axes: axes[0] if len(axes) == 1 else axes  # noqa: E731
+    return RuleDims(one(layout.rows), one(layout.cols), rank)
+
+
+def as_matrix_dims(label: Any) -> Any:
+    """optax's ``GaLoreDimensionNumbers`` / ``MuonDimensionNumbers`` (same fields) as a
+    :class:`MatrixDims`; any other label unchanged."""
+    if isinstance(label, MatrixDims) or not hasattr(label, "reduction_axis"):
+        return label
+    if type(label).__name__ in ("GaLoreDimensionNumbers", "MuonDimensionNumbers") and hasattr(
+            label, "output_axis"):
+        return MatrixDims(label.reduction_axis, label.output_axis)
+    return label
 
 
 def label_tree(params: Any, labels: Labels) -> LabelTree:
@@ -305,7 +339,8 @@ def resolve_labels(params: Any, labels: Labels, rank: int) -> list[MatrixView | 
     tree = label_tree(params, labels)
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     try:
-        label_leaves = treedef.flatten_up_to(tree)
+        label_leaves = treedef.flatten_up_to(jax.tree.map(
+            as_matrix_dims, tree, is_leaf=lambda x: hasattr(x, "reduction_axis")))
     except (ValueError, TypeError) as e:
         raise ValueError(
                 "labels: the label tree must have the structure of the parameters, with MatrixDims, "
@@ -313,6 +348,7 @@ def resolve_labels(params: Any, labels: Labels, rank: int) -> list[MatrixView | 
     views: list[MatrixView | None] = []
     for (path, leaf), label in zip(leaves_with_path, label_leaves):
         name = path_str(path)
+        label = as_matrix_dims(label)
         if label is None or label is False:
             views.append(None)
             continue
@@ -323,7 +359,9 @@ def resolve_labels(params: Any, labels: Labels, rank: int) -> list[MatrixView | 
                         "Pass MatrixDims(reduction_axis, output_axis) to say which axes form the matrix.")
             label = MatrixDims()
         if not isinstance(label, MatrixDims):
-            raise ValueError(f"labels: leaf '{name}' has label {label!r}; expected MatrixDims, None or bool.")
+            raise ValueError(f"labels: leaf '{name}' has label {label!r}; expected MatrixDims (or "
+                             "optax.contrib.GaLoreDimensionNumbers / MuonDimensionNumbers), None "
+                             "or bool.")
         if not is_float(leaf):
             raise ValueError(
                     f"labels: leaf '{name}' has dtype {getattr(leaf, 'dtype', None)} and is "
@@ -355,22 +393,32 @@ def unprojected_reasons(params: Any, views: list[MatrixView | None], labels: Lab
                         rank: int) -> list[str]:
     """``["path (shape): why", ...]`` for every leaf whose resolved view (:func:`resolve_labels`
     of ``labels`` and ``rank``) is ``None``."""
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+    why_full = full_reasons(params, rank) if labels is None else [None] * len(views)
+    return [f"{path_str(path)} {tuple(getattr(leaf, 'shape', ()))}: {why or 'labelled None'}"
+            for (path, leaf), view, why in zip(leaves_with_path, views, why_full)
+            if view is None]
+
+
+def full_reasons(params: Any, rank: int | None, logical_axes: Any = None) -> list[str | None]:
+    """Why the default rule (:func:`label_matrices`) keeps each leaf full (``None`` for a leaf it
+    projects at ``rank``): ``"one axis"``, ``"not float (int32)"``, ``"excluded by name"``,
+    ``"smaller side 8 <= rank 16"``."""
     out = []
-    for (path, leaf), view in zip(jax.tree_util.tree_flatten_with_path(params)[0], views):
-        if view is not None:
-            continue
-        name, shape = path_str(path), tuple(getattr(leaf, "shape", ()))
-        if len(shape) < 2:
-            why = "not a matrix"
+    for (path, leaf), layout in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                    layouts_lib.layouts(params, logical_axes)):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if layout is None:
+            out.append("one axis" if len(shape) <= 1 else "one axis per layer")
         elif not is_float(leaf):
-            why = f"not float ({leaf.dtype})"
-        elif labels is None and excluded(name, DEFAULT_EXCLUDE):
-            why = "excluded by name (DEFAULT_EXCLUDE)"
-        elif labels is None and min(shape[-2:]) <= rank:
-            why = f"smaller side <= rank {rank}"
+            out.append(f"not float ({leaf.dtype})")
+        elif excluded(path_str(path), DEFAULT_EXCLUDE):
+            out.append("excluded by name (DEFAULT_EXCLUDE)")
         else:
-            why = "labelled None"
-        out.append(f"{name} {shape}: {why}")
+            small = min(math.prod(shape[a] for a in layout.rows),
+                        math.prod(shape[a] for a in layout.cols))
+            out.append(f"smaller side {small} <= rank {rank}"
+                       if rank is not None and small <= rank else None)
     return out
 
 

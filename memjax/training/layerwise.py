@@ -51,6 +51,7 @@ done in the authors' code with PyTorch's ``register_post_accumulate_grad_hook``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -58,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from memjax.optim import layouts
 from memjax.optim import quantized_weights as qw
 from memjax.training import dependence
 from memjax.training import stack_plan as plan_lib
@@ -456,4 +458,8 @@ def layerwise_step(model: Layered, tx: optax.GradientTransformation, *,
         return (treedef.unflatten(new_leaves),
                 jax.tree.unflatten(jax.tree.structure(opt_state), new_state_leaves), metrics)
 
-    return step
+    def declared(params, opt_state, batch):
+        with layouts.declared_layer_axis((model.stack,), 0):  # the stack's layout, fixed
+            return step(params, opt_state, batch)
+
+    return functools.wraps(step)(declared)

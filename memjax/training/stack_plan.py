@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from memjax.optim import layouts
 from memjax.optim.labels import NoProjectionWarning
 
 SLICE, WHOLE, ZEROS = "slice", "whole", "zeros"
@@ -228,6 +229,12 @@ def plan_stack(tx: Any, params: Any, stack: str) -> StackPlan:
     layer update is traced (:mod:`memjax.training.dependence`) and a stacked leaf whose gradient
     reaches a state leaf that the layers share is held instead.
     """
+    with layouts.declared_layer_axis((stack,), 0):
+        return _plan_stack_held(tx, params, stack)
+
+
+def _plan_stack_held(tx: Any, params: Any, stack: str) -> StackPlan:
+    """:func:`plan_stack`, holding every stacked leaf whose gradient reaches shared state."""
     from memjax.training import dependence
 
     held: set[int] = set()

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -183,11 +182,11 @@ def describe(tx: optax.GradientTransformation, params: Any,
     # every other leaf keeps its full Adam moments.
     has_blocks = any(isinstance(x, BlockState) for x in jax.tree.leaves(
         state, is_leaf=lambda x: isinstance(x, BlockState)))
-    matrices, sides, reasons = _matrices_and_reasons(params, labels)
+    matrices, sides = _matrices(params, labels)
     projected = _low_rank_info(state, treedef, [s or shape for s, shape in zip(sides, shapes)])
     ranks = [r for _, r in projected.values() if r]
-    if labels is None and ranks:
-        reasons = labels_lib.full_reasons(params, ranks[0])
+    reasons = (labels_lib.full_reasons(params, ranks[0] if ranks else None) if labels is None
+               else [None] * len(shapes))  # explicit labels: their None is the reason
     rows = []
     for i, (path, leaf) in enumerate(leaves_with_path):
         side, rank = projected.get(i, ("", 0))
@@ -200,33 +199,25 @@ def describe(tx: optax.GradientTransformation, params: Any,
     return Description(rows, shared, accounting.state_bytes(state))
 
 
-def _matrices_and_reasons(params: Any, labels: labels_lib.Labels) -> tuple[
-        list[str], list[tuple[int, int] | None], list[str | None]]:
-    """Per leaf: the matrix ``labels`` read (``""``: none), its ``(m, n)`` (or ``None``), and
-    why the default rule keeps it full at no rank (``None`` with explicit labels: their
-    ``None`` is the reason)."""
+def _matrices(params: Any, labels: labels_lib.Labels) -> tuple[
+        list[str], list[tuple[int, int] | None]]:
+    """Per leaf, the matrix ``labels`` (default: the default rule) read, as text (``""``: none)
+    and as ``(m, n)`` (``None``)."""
     leaves = jax.tree.leaves(params)
     if labels is None:
         found = layouts_lib.layouts(params)
-        text = [lay.describe(tuple(x.shape)) if lay is not None else ""
-                for lay, x in zip(found, leaves)]
-        mn = [None if lay is None else (math.prod(x.shape[a] for a in lay.rows),
-                                        math.prod(x.shape[a] for a in lay.cols))
-              for lay, x in zip(found, leaves)]
-        return text, mn, labels_lib.full_reasons(params, None)
-    tree = labels_lib.label_tree(params, labels)
-    label_leaves = jax.tree_util.tree_structure(params).flatten_up_to(tree)
+        return ([lay.describe(x.shape) if lay else "" for lay, x in zip(found, leaves)],
+                [lay.sides(x.shape) if lay else None for lay, x in zip(found, leaves)])
+    label_leaves = jax.tree_util.tree_structure(params).flatten_up_to(
+        labels_lib.label_tree(params, labels))
     text, mn = [], []
     for label, x in zip(label_leaves, leaves):
         label = labels_lib.as_matrix_dims(label)
-        if label is True:
-            label = labels_lib.MatrixDims()
-        if not isinstance(label, labels_lib.MatrixDims):
-            text.append("")
-            mn.append(None)
-            continue
-        view = labels_lib.matrix_view(x.shape, label)
-        batch = "*".join(map(str, view.batch_shape))
-        text.append((f"batch={batch} | " if batch else "") + f"{view.m} x {view.n}")
-        mn.append((view.m, view.n))
-    return text, mn, [None] * len(leaves)
+        label = labels_lib.MatrixDims() if label is True else label
+        view = labels_lib.matrix_view(x.shape, label) if isinstance(
+            label, labels_lib.MatrixDims) else None
+        batch = "*".join(map(str, view.batch_shape)) if view else ""
+        text.append("" if view is None else (f"batch={batch} | " if batch else "")
+                    + f"{view.m} x {view.n}")
+        mn.append(None if view is None else (view.m, view.n))
+    return text, mn

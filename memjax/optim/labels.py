@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from memjax.optim import layouts as layouts_lib
+from memjax.optim.layouts import is_float, path_words
 
 DEFAULT_EXCLUDE = (r"embed|embeds|embedding|embeddings|embedder|wte|wpe|head|unembed|"
                    r"unembedding|logits|"
@@ -176,11 +176,6 @@ class RuleDims(MatrixDims):
         return self
 
 
-def path_words(component: str) -> list[str]:
-    """``"input_layernorm"`` -> ``["input", "layernorm"]``: the lower-cased letter runs."""
-    return [w for w in re.split(r"[^a-z]+", component.lower()) if w]
-
-
 def excluded(path: str, exclude: str | None) -> bool:
     """Whether a ``/``-joined ``path`` has a component or word matching ``exclude`` in full
     (with :data:`DEFAULT_EXCLUDE`, also whether its first component is in
@@ -195,12 +190,6 @@ def excluded(path: str, exclude: str | None) -> bool:
                 pattern.fullmatch(w) for w in path_words(component)):
             return True
     return False
-
-
-def is_float(leaf: Any) -> bool:
-    """Whether ``leaf`` (an array or ``jax.ShapeDtypeStruct``) has a floating dtype."""
-    dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
 
 def label_matrices(params: Any, rank: int | None = None, *,
@@ -275,12 +264,9 @@ def label_matrices(params: Any, rank: int | None = None, *,
             return None
         if excluded(path_str(path), exclude):
             return None
-        dims = rule_dims(layout, rank)
-        shape = tuple(leaf.shape)
-        if rank is not None and min(math.prod(shape[a] for a in layout.rows),
-                                    math.prod(shape[a] for a in layout.cols)) <= rank:
+        if rank is not None and min(layout.sides(leaf.shape)) <= rank:
             return None
-        return dims
+        return rule_dims(layout, rank)
 
     return treedef.unflatten([rule(path, leaf, layout) for (path, leaf), layout
                               in zip(leaves_with_path, views)])
@@ -302,10 +288,7 @@ def rule_dims(layout: layouts_lib.Layout, rank: int | None) -> RuleDims:
 def as_matrix_dims(label: Any) -> Any:
     """optax's ``GaLoreDimensionNumbers`` / ``MuonDimensionNumbers`` (same fields) as a
     :class:`MatrixDims`; any other label unchanged."""
-    if isinstance(label, MatrixDims) or not hasattr(label, "reduction_axis"):
-        return label
-    if type(label).__name__ in ("GaLoreDimensionNumbers", "MuonDimensionNumbers") and hasattr(
-            label, "output_axis"):
+    if type(label).__name__ in ("GaLoreDimensionNumbers", "MuonDimensionNumbers"):
         return MatrixDims(label.reduction_axis, label.output_axis)
     return label
 
@@ -400,13 +383,13 @@ def unprojected_reasons(params: Any, views: list[MatrixView | None], labels: Lab
             if view is None]
 
 
-def full_reasons(params: Any, rank: int | None, logical_axes: Any = None) -> list[str | None]:
+def full_reasons(params: Any, rank: int | None) -> list[str | None]:
     """Why the default rule (:func:`label_matrices`) keeps each leaf full (``None`` for a leaf it
     projects at ``rank``): ``"one axis"``, ``"not float (int32)"``, ``"excluded by name"``,
     ``"smaller side 8 <= rank 16"``."""
     out = []
     for (path, leaf), layout in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                    layouts_lib.layouts(params, logical_axes)):
+                                    layouts_lib.layouts(params)):
         shape = tuple(getattr(leaf, "shape", ()))
         if layout is None:
             out.append("one axis" if len(shape) <= 1 else "one axis per layer")
@@ -415,8 +398,7 @@ def full_reasons(params: Any, rank: int | None, logical_axes: Any = None) -> lis
         elif excluded(path_str(path), DEFAULT_EXCLUDE):
             out.append("excluded by name (DEFAULT_EXCLUDE)")
         else:
-            small = min(math.prod(shape[a] for a in layout.rows),
-                        math.prod(shape[a] for a in layout.cols))
+            small = min(layout.sides(shape))
             out.append(f"smaller side {small} <= rank {rank}"
                        if rank is not None and small <= rank else None)
     return out

@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import math
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -96,6 +97,10 @@ class Layout(NamedTuple):
     rows: tuple[int, ...]
     cols: tuple[int, ...]
     how: str
+
+    def sides(self, shape: Sequence[int]) -> tuple[int, int]:
+        """``(m, n)``: the sizes of the rows and the columns of the matrix."""
+        return (math.prod(shape[a] for a in self.rows), math.prod(shape[a] for a in self.cols))
 
     def describe(self, shape: Sequence[int]) -> str:
         """``"layers=8 | 512 x 4*64"``: layer and batch sizes, then ``rows x cols``."""
@@ -215,12 +220,9 @@ def layouts(params: Any, logical_axes: Any = None, *,
     if logical_axes is not None:
         names = [_names(n, s, "/".join(p)) for n, s, p in zip(
             treedef.flatten_up_to(logical_axes), shapes, paths)]
-    pattern = re.compile(skip_width)
-    skip = [any(pattern.fullmatch(w) for k in path for w in re.split(r"[^a-z]+", k.lower()) if w)
-            or not _is_float(x) for path, (_, x) in zip(paths, leaves_with_path)]
-    vectors = re.compile(VECTOR_WORDS)
-    vector = [any(vectors.fullmatch(w) for k in path for w in re.split(r"[^a-z]+", k.lower()) if w)
-              for path in paths]
+    skip = [_has_word(path, re.compile(skip_width)) or not is_float(x)
+            for path, (_, x) in zip(paths, leaves_with_path)]
+    vector = [_has_word(path, re.compile(VECTOR_WORDS)) for path in paths]
     found = stacked_axes(shapes, paths, vector)
     layer_axes = []
     for shape, n, p in zip(shapes, names, found):
@@ -232,9 +234,19 @@ def layouts(params: Any, logical_axes: Any = None, *,
     return [group(s, la, width, n) for s, la, n in zip(shapes, layer_axes, names)]
 
 
-def _is_float(leaf: Any) -> bool:
+def is_float(leaf: Any) -> bool:
+    """Whether ``leaf`` (an array or ``jax.ShapeDtypeStruct``) has a floating dtype."""
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def path_words(component: str) -> list[str]:
+    """``"input_layernorm"`` -> ``["input", "layernorm"]``: the lower-cased letter runs."""
+    return [w for w in re.split(r"[^a-z]+", component.lower()) if w]
+
+
+def _has_word(path: Sequence[str], pattern: re.Pattern) -> bool:
+    return any(pattern.fullmatch(w) for k in path for w in path_words(k))
 
 
 def _names(names: Any, shape: tuple[int, ...], path: str) -> tuple[str | None, ...] | None:
